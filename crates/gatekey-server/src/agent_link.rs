@@ -1,0 +1,251 @@
+//! `GET /ws/agent`: where agents dial in. Authenticates the token, refuses a
+//! second live connection for the same node, runs the hello/welcome
+//! handshake and keeps the agent in the registry while its link lives.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use gatekey_proto::link::{self, Frame, Hello, Welcome, control::Msg};
+use gatekey_proto::mux::{Mux, MuxConfig, Side};
+use gatekey_proto::{limits, names};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+
+use crate::api::error::{ApiError, ApiResult};
+use crate::registry::AgentConn;
+use crate::server::RemoteAddr;
+use crate::state::AppState;
+use crate::store::{AgentSeen, Node, now_ms};
+use crate::ws::{self, ServerWs};
+use crate::{auth, secret};
+
+/// WebSocket close codes the control plane uses on agent links.
+pub mod close {
+    /// The hello does not match the token's node (name or type).
+    pub const IDENTITY: u16 = 4003;
+    /// The node was deleted on the control plane.
+    pub const NODE_DELETED: u16 = 4004;
+    /// Another live connection holds the node, or this one was replaced.
+    pub const DUPLICATE: u16 = 4009;
+    /// No link protocol version in common.
+    pub const VERSION: u16 = 4010;
+    /// The control plane is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+}
+
+pub async fn upgrade(State(state): State<AppState>, req: Request) -> Response {
+    match upgrade_inner(state, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn upgrade_inner(state: AppState, mut req: Request) -> ApiResult<Response> {
+    let addr = req
+        .extensions()
+        .get::<RemoteAddr>()
+        .map(|a| a.0)
+        .unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+    let token = auth::bearer(req.headers()).ok_or_else(|| {
+        ApiError::unauthenticated("missing agent token: set `token` in the agent config")
+    })?;
+    let invalid = || {
+        ApiError::unauthenticated("invalid agent token: the node was deleted or the token is wrong")
+    };
+    let presented = secret::parse(token).ok_or_else(invalid)?;
+    let node = state
+        .store
+        .node_by_token_lookup(presented.lookup_id)
+        .await?
+        .filter(|n| {
+            presented.matches(&n.token_hash) && presented.prefix == n.node_type.token_prefix()
+        })
+        .ok_or_else(|| {
+            tracing::warn!(%addr, "agent refused: invalid token");
+            invalid()
+        })?;
+
+    // One live link per node: a newcomer replaces the holder only once the
+    // holder fails to answer a ping, so two copies of an agent never flap.
+    if let Some(holder) = state.registry.get(&node.id) {
+        if holder.mux.probe(state.config.liveness_probe_timeout).await {
+            tracing::warn!(agent = %node.name, %addr, holder = %holder.remote_addr, "second connection for a live agent refused");
+            return Err(ApiError::conflict(format!(
+                "agent {} is already connected from {} and still answers; refusing a second connection with the same token",
+                node.name, holder.remote_addr
+            )));
+        }
+        tracing::info!(agent = %node.name, old = %holder.remote_addr, new = %addr, "previous link is dead; replacing it");
+        holder
+            .mux
+            .close(close::DUPLICATE, "replaced by a new connection");
+        state.registry.remove_conn(&node.id, holder.conn_id);
+    }
+
+    let up = ws::prepare(&mut req, &[])?;
+    let response = up.response();
+    tokio::spawn(async move {
+        let config = WebSocketConfig::default()
+            .read_buffer_size(32 * 1024)
+            .write_buffer_size(64 * 1024)
+            .max_message_size(Some(limits::MAX_LINK_MESSAGE))
+            .max_frame_size(Some(limits::MAX_LINK_MESSAGE));
+        match up.into_ws(config).await {
+            Ok(ws) => serve(state, node, addr, ws).await,
+            Err(e) => tracing::warn!(%addr, error = %e, "agent WebSocket upgrade failed"),
+        }
+    });
+    Ok(response)
+}
+
+async fn close_ws(mut ws: ServerWs, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.chars().take(120).collect::<String>().into(),
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), ws.close(Some(frame))).await;
+}
+
+async fn read_hello(state: &AppState, ws: &mut ServerWs) -> Result<Hello, String> {
+    let first = tokio::time::timeout(state.config.handshake_timeout, ws.next())
+        .await
+        .map_err(|_| format!("no hello within {:?}", state.config.handshake_timeout))?;
+    match first {
+        Some(Ok(Message::Binary(raw))) => match link::decode(raw) {
+            Ok(Frame::Control(Msg::Hello(h))) => Ok(h),
+            Ok(_) => Err("expected a hello".into()),
+            Err(e) => Err(format!("malformed hello: {e}")),
+        },
+        Some(Ok(_)) => Err("expected a binary hello".into()),
+        Some(Err(e)) => Err(format!("read failed: {e}")),
+        None => Err("closed before the hello".into()),
+    }
+}
+
+async fn serve(state: AppState, node: Node, addr: SocketAddr, mut ws: ServerWs) {
+    let hello = match read_hello(&state, &mut ws).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(agent = %node.name, %addr, "agent handshake failed: {e}");
+            close_ws(ws, CloseCode::Protocol.into(), &e).await;
+            return;
+        }
+    };
+    if let Err(e) = names::validate("agent name", &hello.name) {
+        close_ws(ws, close::IDENTITY, &e).await;
+        return;
+    }
+    if hello.name != node.name {
+        let msg = format!(
+            "this token belongs to node {:?}; set `name: {}` in the agent config",
+            node.name, node.name
+        );
+        tracing::warn!(agent = %hello.name, %addr, "agent refused: {msg}");
+        close_ws(ws, close::IDENTITY, &msg).await;
+        return;
+    }
+    if !hello.agent_type.is_empty() && hello.agent_type != node.node_type.as_str() {
+        let msg = format!(
+            "this token is for a {}, but the agent says it is a {}",
+            node.node_type.as_str(),
+            hello.agent_type
+        );
+        tracing::warn!(agent = %node.name, %addr, "agent refused: {msg}");
+        close_ws(ws, close::IDENTITY, &msg).await;
+        return;
+    }
+    // Free text from the agent is stored and logged: keep it short and printable.
+    let printable = |s: &str| {
+        s.chars()
+            .filter(|c| !c.is_control())
+            .take(128)
+            .collect::<String>()
+    };
+    let hello = Hello {
+        hostname: printable(&hello.hostname),
+        agent_version: printable(&hello.agent_version),
+        ..hello
+    };
+    let Some(version) = link::negotiate(hello.min_version, hello.max_version) else {
+        let msg = format!(
+            "agent speaks link protocol {}..={}, this control plane {}..={}",
+            hello.min_version,
+            hello.max_version,
+            link::MIN_VERSION,
+            link::MAX_VERSION
+        );
+        tracing::warn!(agent = %node.name, %addr, "agent refused: {msg}");
+        close_ws(ws, close::VERSION, &msg).await;
+        return;
+    };
+    let cfg = &state.config;
+    let welcome = Welcome {
+        version,
+        agent_id: node.id.clone(),
+        server_version: gatekey_proto::VERSION.into(),
+        heartbeat_interval_ms: cfg.heartbeat_interval.as_millis().min(u32::MAX as u128) as u32,
+        max_message_bytes: limits::MAX_LINK_MESSAGE as u32,
+    };
+    if ws
+        .send(Message::Binary(link::encode_control(Msg::Welcome(welcome))))
+        .await
+        .is_err()
+    {
+        return;
+    }
+
+    let mux_config = MuxConfig {
+        recv_window: cfg.stream_window,
+        heartbeat_interval: cfg.heartbeat_interval,
+        heartbeat_timeout: cfg.heartbeat_timeout,
+        ..MuxConfig::default()
+    };
+    let (mux, _) = Mux::start(ws, mux_config, Side::Opener);
+    let conn = Arc::new(AgentConn {
+        conn_id: state.registry.next_conn_id(),
+        node_id: node.id.clone(),
+        name: node.name.clone(),
+        node_type: node.node_type,
+        mux: mux.clone(),
+        remote_addr: addr,
+        connected_at: now_ms(),
+        version: hello.agent_version.clone(),
+        hostname: hello.hostname.clone(),
+        session_enabled: hello.session_enabled,
+        link_version: version,
+    });
+    if let Err(holder) = state.registry.insert(conn.clone()) {
+        mux.close(
+            close::DUPLICATE,
+            &format!(
+                "agent {} is already connected from {}",
+                node.name, holder.remote_addr
+            ),
+        );
+        return;
+    }
+    let seen = AgentSeen {
+        addr: &addr.to_string(),
+        version: &hello.agent_version,
+        hostname: &hello.hostname,
+        session_enabled: hello.session_enabled,
+    };
+    if let Err(e) = state.store.node_seen(&node.id, &seen).await {
+        tracing::error!(agent = %node.name, error = %e, "cannot record the agent's connection");
+    }
+    tracing::info!(
+        agent = %node.name, id = %node.id, r#type = node.node_type.as_str(), %addr,
+        version = %hello.agent_version, sessions = hello.session_enabled, "agent connected"
+    );
+
+    let reason = mux.closed().await;
+    state.registry.remove_conn(&node.id, conn.conn_id);
+    if let Err(e) = state.store.node_last_seen(&node.id).await {
+        tracing::warn!(agent = %node.name, error = %e, "cannot record when the agent was last seen");
+    }
+    tracing::info!(agent = %node.name, %addr, "agent disconnected: {reason}");
+}

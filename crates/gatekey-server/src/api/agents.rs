@@ -1,0 +1,105 @@
+//! `GET /api/v1/agents[/{ref}]`: registered nodes with their connection state.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use serde::{Deserialize, Serialize};
+
+use super::error::{ApiError, ApiResult};
+use super::format_time;
+use crate::auth::authenticate;
+use crate::registry::AgentConn;
+use crate::state::AppState;
+use crate::store::Node;
+
+#[derive(Serialize)]
+pub struct AgentView {
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub node_type: &'static str,
+    pub connected: bool,
+    pub connected_at: Option<String>,
+    pub last_seen: Option<String>,
+    pub remote_addr: Option<String>,
+    pub version: Option<String>,
+    pub hostname: Option<String>,
+    pub session_enabled: bool,
+    pub session_enabled_agent: Option<bool>,
+    pub session_enabled_control_plane: bool,
+}
+
+impl AgentView {
+    pub fn new(node: &Node, conn: Option<&AgentConn>) -> AgentView {
+        let agent_side = conn
+            .map(|c| c.session_enabled)
+            .or(node.agent_session_enabled);
+        AgentView {
+            id: node.id.clone(),
+            name: node.name.clone(),
+            node_type: node.node_type.as_str(),
+            connected: conn.is_some(),
+            connected_at: conn.map(|c| format_time(c.connected_at)),
+            last_seen: if conn.is_some() {
+                Some(format_time(crate::store::now_ms()))
+            } else {
+                node.last_seen_at.map(format_time)
+            },
+            remote_addr: conn
+                .map(|c| c.remote_addr.to_string())
+                .or_else(|| node.last_addr.clone()),
+            version: conn
+                .map(|c| c.version.clone())
+                .or_else(|| node.agent_version.clone()),
+            hostname: conn
+                .map(|c| c.hostname.clone())
+                .or_else(|| node.hostname.clone()),
+            session_enabled: node.session_enabled && agent_side == Some(true),
+            session_enabled_agent: agent_side,
+            session_enabled_control_plane: node.session_enabled,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    connected: Option<bool>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    authenticate(&state, &headers).await?;
+    let nodes = state.store.list_nodes(None).await?;
+    let conns: HashMap<String, _> = state
+        .registry
+        .list()
+        .into_iter()
+        .map(|c| (c.node_id.clone(), c))
+        .collect();
+    let items: Vec<AgentView> = nodes
+        .iter()
+        .map(|n| AgentView::new(n, conns.get(&n.id).map(|c| &**c)))
+        .filter(|a| !q.connected.unwrap_or(false) || a.connected)
+        .collect();
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(reference): Path<String>,
+) -> ApiResult<Json<AgentView>> {
+    authenticate(&state, &headers).await?;
+    let node =
+        state.store.find_node(&reference).await?.ok_or_else(|| {
+            ApiError::not_found(format!("no agent named or with id {reference:?}"))
+        })?;
+    let conn = state.registry.get(&node.id);
+    Ok(Json(AgentView::new(&node, conn.as_deref())))
+}

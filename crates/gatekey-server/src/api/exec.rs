@@ -1,0 +1,248 @@
+//! Exec: streaming over the admin stream protocol (`GET /ws/v1/agents/{ref}/exec`)
+//! and one-shot for scripts (`POST /api/v1/agents/{ref}/exec`).
+
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::{Path, Request, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use gatekey_proto::channel::{self, Metadata};
+use gatekey_proto::limits;
+use gatekey_proto::link::{CH_STDERR, CH_STDIN, CH_STDOUT, Exec, exit};
+use gatekey_proto::mux::Event;
+use serde::{Deserialize, Serialize};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use super::error::{ApiError, ApiResult};
+use crate::auth::authenticate;
+use crate::state::AppState;
+use crate::{relay, session, ws};
+
+/// `GET /ws/v1/agents/{ref}/exec?metadata=…`
+pub async fn stream(
+    State(state): State<AppState>,
+    Path(reference): Path<String>,
+    req: Request,
+) -> Response {
+    match stream_inner(state, reference, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn stream_inner(state: AppState, reference: String, mut req: Request) -> ApiResult<Response> {
+    let caller = authenticate(&state, req.headers()).await?;
+    let exec = exec_from_query(req.uri().query().unwrap_or(""))?;
+    let up = ws::prepare(&mut req, &channel::PROTOCOLS)?;
+    let target = session::resolve(&state, &reference).await?;
+    let (stream, accept) = session::open_exec(&state, &target, exec, &caller.user.name).await?;
+    tracing::info!(agent = %target.node.name, user = %caller.user.name, pid = accept.pid, stream = stream.id(), "exec session opened");
+    let v5 = up.protocol == Some(channel::V5);
+    let response = up.response();
+    let close_timeout = state.config.request_timeout;
+    tokio::spawn(async move {
+        let config = WebSocketConfig::default()
+            .read_buffer_size(64 * 1024)
+            .max_message_size(Some(limits::MAX_CLIENT_MESSAGE))
+            .max_frame_size(Some(limits::MAX_CLIENT_MESSAGE));
+        match up.into_ws(config).await {
+            Ok(ws) => relay::relay(ws, stream, v5, close_timeout).await,
+            Err(e) => tracing::warn!(error = %e, "exec WebSocket upgrade failed"),
+        }
+    });
+    Ok(response)
+}
+
+/// Reads the command from `metadata` (JSON) or repeated `command=` parameters.
+fn exec_from_query(query: &str) -> ApiResult<Exec> {
+    let mut metadata: Option<Metadata> = None;
+    let mut argv = Vec::new();
+    let mut stdin_param = None;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "metadata" => {
+                if v.len() > limits::MAX_METADATA {
+                    return Err(ApiError::invalid("metadata is too long"));
+                }
+                metadata = Some(
+                    serde_json::from_str(&v)
+                        .map_err(|e| ApiError::invalid(format!("invalid metadata JSON: {e}")))?,
+                );
+            }
+            "command" => argv.push(v.into_owned()),
+            "stdin" => stdin_param = Some(v == "true" || v == "1"),
+            _ => {}
+        }
+    }
+    let m = metadata.unwrap_or_default();
+    if m.tty {
+        return Err(ApiError::invalid(
+            "tty sessions use the console endpoint /ws/v1/agents/{name}/console",
+        ));
+    }
+    // As in Kubernetes, stdin is off unless asked for: a client that never
+    // sends it must not leave the remote stdin open forever.
+    let stdin = m.stdin.or(stdin_param).unwrap_or(false);
+    match (m.shell, m.command) {
+        (Some(shell), None) if argv.is_empty() => {
+            session::shell_exec(&shell, m.timeout_seconds, stdin)
+        }
+        (None, Some(cmd)) if argv.is_empty() => {
+            let mut v = vec![cmd.command];
+            v.extend(cmd.args);
+            session::argv_exec(v, m.timeout_seconds, stdin)
+        }
+        (None, None) if !argv.is_empty() => session::argv_exec(argv, m.timeout_seconds, stdin),
+        (None, None) => Err(ApiError::invalid(
+            "no command: pass metadata={\"shell\":\"CMD\"} or command=… parameters",
+        )),
+        _ => Err(ApiError::invalid(
+            "give exactly one of metadata.shell, metadata.command or command= parameters",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    command: String,
+    #[serde(default)]
+    timeout_seconds: Option<u64>,
+    #[serde(default)]
+    stdin: Option<String>,
+}
+
+#[derive(Serialize, Default)]
+pub struct ExecResponse {
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    timed_out: bool,
+    duration_ms: u64,
+    stdout: String,
+    stderr: String,
+    stdout_truncated: bool,
+    stderr_truncated: bool,
+}
+
+/// `POST /api/v1/agents/{ref}/exec`
+pub async fn oneshot(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(reference): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<ExecResponse>> {
+    let caller = authenticate(&state, &headers).await?;
+    let req: ExecRequest = super::error::parse_body(&body)?;
+    let exec = session::shell_exec(&req.command, req.timeout_seconds, req.stdin.is_some())?;
+    let target = session::resolve(&state, &reference).await?;
+    let started = Instant::now();
+    let (mut stream, _) = session::open_exec(&state, &target, exec, &caller.user.name).await?;
+
+    // Feed stdin concurrently: it may wait for credit while output must keep draining.
+    let feeder = req.stdin.map(|input| {
+        let handle = stream.handle();
+        tokio::spawn(async move {
+            if handle.send_data(CH_STDIN, Bytes::from(input)).await.is_ok() {
+                let _ = handle.send_eof(CH_STDIN).await;
+            }
+        })
+    });
+    let limit = state.config.exec_output_limit;
+    let deadline = req
+        .timeout_seconds
+        .filter(|s| *s > 0)
+        .map(|s| Duration::from_secs(s) + state.config.exec_grace);
+    let mut out = ExecResponse::default();
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let collect = async {
+        while let Some(event) = stream.next().await {
+            match event {
+                Event::Data(d) => {
+                    let (buf, truncated) = match d.channel() {
+                        CH_STDOUT => (&mut stdout, &mut out.stdout_truncated),
+                        CH_STDERR => (&mut stderr, &mut out.stderr_truncated),
+                        _ => {
+                            stream.consumed(d.len());
+                            continue;
+                        }
+                    };
+                    let payload = d.payload();
+                    let room = limit.saturating_sub(buf.len());
+                    buf.extend_from_slice(&payload[..payload.len().min(room)]);
+                    *truncated |= payload.len() > room;
+                    stream.consumed(payload.len());
+                }
+                Event::Exit(x) => {
+                    out.timed_out = x.timed_out;
+                    match x.status {
+                        Some(exit::Status::Code(c)) => out.exit_code = Some(c),
+                        Some(exit::Status::Signal(s)) => out.signal = Some(s),
+                        None => {}
+                    }
+                    return Ok(());
+                }
+                Event::Cancelled(r) | Event::LinkClosed(r) => {
+                    return Err(ApiError::not_connected(format!(
+                        "agent {} went away during the command: {r}",
+                        target.node.name
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Err(ApiError::internal("session ended without an exit status"))
+    };
+    let result = match deadline {
+        Some(d) => tokio::time::timeout(d, collect).await.unwrap_or_else(|_| {
+            Err(ApiError::agent_timeout(format!(
+                "agent {} did not report the command's end",
+                target.node.name
+            )))
+        }),
+        None => collect.await,
+    };
+    if let Some(f) = feeder {
+        f.abort();
+    }
+    result?;
+    out.duration_ms = started.elapsed().as_millis() as u64;
+    out.stdout = String::from_utf8_lossy(&stdout).into_owned();
+    out.stderr = String::from_utf8_lossy(&stderr).into_owned();
+    tracing::info!(agent = %target.node.name, user = %caller.user.name, exit = ?out.exit_code, "one-shot exec finished");
+    Ok(Json(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_forms() {
+        let q = format!(
+            "metadata={}",
+            urlencode(r#"{"shell":"ip addr","timeout_seconds":5}"#)
+        );
+        let e = exec_from_query(&q).unwrap();
+        assert_eq!(e.shell_command, "ip addr");
+        assert_eq!(e.timeout_ms, 5000);
+        assert!(!e.stdin);
+        let e = exec_from_query("command=ls&command=-l&stdin=false").unwrap();
+        assert_eq!(e.argv, vec!["ls", "-l"]);
+        assert!(!e.stdin);
+        let q = format!(
+            "metadata={}",
+            urlencode(r#"{"command":{"command":"ls","args":["-a"]}}"#)
+        );
+        assert_eq!(exec_from_query(&q).unwrap().argv, vec!["ls", "-a"]);
+        assert!(exec_from_query("").is_err());
+        assert!(exec_from_query("metadata=%7Bnot").is_err());
+        let q = format!("metadata={}", urlencode(r#"{"tty":true,"shell":"x"}"#));
+        assert!(exec_from_query(&q).is_err());
+    }
+
+    fn urlencode(s: &str) -> String {
+        form_urlencoded::byte_serialize(s.as_bytes()).collect()
+    }
+}

@@ -1,0 +1,50 @@
+//! The admin REST API (`/api/v1`) and WebSocket endpoints (`/ws/…`).
+//! See docs/api.md.
+
+pub mod agents;
+pub mod error;
+pub mod exec;
+pub mod nodes;
+
+use axum::Router;
+use axum::routing::get;
+
+use crate::agent_link;
+use crate::state::AppState;
+use crate::store::NodeType;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/version", get(version))
+        .route("/api/v1/agents", get(agents::list))
+        .route("/api/v1/agents/{reference}", get(agents::get))
+        .route(
+            "/api/v1/agents/{reference}/exec",
+            axum::routing::post(exec::oneshot),
+        )
+        .route("/ws/v1/agents/{reference}/exec", get(exec::stream))
+        .route("/ws/agent", get(agent_link::upgrade))
+        .nest("/api/v1/gateways", nodes::routes(NodeType::Gateway))
+        .nest("/api/v1/mesh/hubs", nodes::routes(NodeType::Hub))
+        .nest("/api/v1/mesh/spokes", nodes::routes(NodeType::Spoke))
+        .nest("/api/v1/devices", nodes::routes(NodeType::Device))
+        .fallback(|| async { error::ApiError::not_found("no such endpoint: see docs/api.md") })
+        .with_state(state)
+}
+
+async fn version() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({
+        "version": gatekey_proto::VERSION,
+        "link_protocol": [gatekey_proto::link::MIN_VERSION, gatekey_proto::link::MAX_VERSION],
+    }))
+}
+
+/// RFC 3339 UTC time from Unix milliseconds.
+pub fn format_time(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

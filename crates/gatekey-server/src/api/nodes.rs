@@ -1,0 +1,202 @@
+//! Node registration per type: `/api/v1/gateways`, `/api/v1/mesh/hubs`,
+//! `/api/v1/mesh/spokes`, `/api/v1/devices`. Creating a node mints its agent
+//! token, shown once.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use axum::{Json, Router};
+use gatekey_proto::names;
+use serde::{Deserialize, Serialize};
+
+use super::error::{ApiError, ApiResult, parse_body};
+use super::format_time;
+use crate::agent_link::close;
+use crate::auth::authenticate;
+use crate::secret;
+use crate::state::AppState;
+use crate::store::{Node, NodeType, now_ms};
+use bytes::Bytes;
+
+pub fn routes(t: NodeType) -> Router<AppState> {
+    Router::new()
+        .route(
+            "/",
+            get(move |s: State<AppState>, h: HeaderMap| list(t, s, h))
+                .post(move |s: State<AppState>, h: HeaderMap, b: Bytes| create(t, s, h, b)),
+        )
+        .route(
+            "/{reference}",
+            get(move |s: State<AppState>, h: HeaderMap, p: Path<String>| get_one(t, s, h, p))
+                .patch(
+                    move |s: State<AppState>, h: HeaderMap, p: Path<String>, b: Bytes| {
+                        update(t, s, h, p, b)
+                    },
+                )
+                .delete(move |s: State<AppState>, h: HeaderMap, p: Path<String>| {
+                    delete(t, s, h, p)
+                }),
+        )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateNode {
+    name: String,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    session_enabled: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateNode {
+    session_enabled: Option<bool>,
+}
+
+#[derive(Serialize)]
+pub struct NodeView {
+    id: String,
+    name: String,
+    #[serde(rename = "type")]
+    node_type: &'static str,
+    session_enabled: bool,
+    created_at: String,
+    connected: bool,
+    last_seen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+}
+
+fn view(state: &AppState, n: &Node) -> NodeView {
+    let connected = state.registry.get(&n.id).is_some();
+    NodeView {
+        id: n.id.clone(),
+        name: n.name.clone(),
+        node_type: n.node_type.as_str(),
+        session_enabled: n.session_enabled,
+        created_at: format_time(n.created_at),
+        connected,
+        last_seen: if connected {
+            Some(format_time(now_ms()))
+        } else {
+            n.last_seen_at.map(format_time)
+        },
+        token: None,
+    }
+}
+
+async fn find(t: NodeType, state: &AppState, reference: &str) -> ApiResult<Node> {
+    names::validate("name or id", reference).map_err(ApiError::invalid)?;
+    state
+        .store
+        .find_node(reference)
+        .await?
+        .filter(|n| n.node_type == t)
+        .ok_or_else(|| {
+            ApiError::not_found(format!("no {} named or with id {reference:?}", t.as_str()))
+        })
+}
+
+async fn create(
+    t: NodeType,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<NodeView>)> {
+    authenticate(&state, &headers).await?;
+    let req: CreateNode = parse_body(&body)?;
+    names::validate("name", &req.name).map_err(ApiError::invalid)?;
+    let id = match req.id {
+        Some(id) => {
+            names::validate("id", &id).map_err(ApiError::invalid)?;
+            id
+        }
+        None => secret::random_hex(4),
+    };
+    let token = secret::generate(t.token_prefix());
+    let now = now_ms();
+    let node = Node {
+        id,
+        name: req.name,
+        node_type: t,
+        token_lookup: token.lookup_id,
+        token_hash: token.hash,
+        session_enabled: req.session_enabled.unwrap_or(true),
+        created_at: now,
+        updated_at: now,
+        last_seen_at: None,
+        last_addr: None,
+        agent_version: None,
+        hostname: None,
+        agent_session_enabled: None,
+    };
+    state.store.create_node(&node).await?;
+    tracing::info!(node = %node.name, id = %node.id, r#type = t.as_str(), "node created");
+    let mut v = view(&state, &node);
+    v.token = Some(token.token);
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+async fn list(
+    t: NodeType,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<serde_json::Value>> {
+    authenticate(&state, &headers).await?;
+    let items: Vec<NodeView> = state
+        .store
+        .list_nodes(Some(t))
+        .await?
+        .iter()
+        .map(|n| view(&state, n))
+        .collect();
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
+async fn get_one(
+    t: NodeType,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(reference): Path<String>,
+) -> ApiResult<Json<NodeView>> {
+    authenticate(&state, &headers).await?;
+    let node = find(t, &state, &reference).await?;
+    Ok(Json(view(&state, &node)))
+}
+
+async fn update(
+    t: NodeType,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(reference): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<NodeView>> {
+    authenticate(&state, &headers).await?;
+    let req: UpdateNode = parse_body(&body)?;
+    let mut node = find(t, &state, &reference).await?;
+    if let Some(enabled) = req.session_enabled {
+        state.store.set_node_session(&node.id, enabled).await?;
+        node.session_enabled = enabled;
+        tracing::info!(node = %node.name, id = %node.id, enabled, "control-plane session switch changed");
+    }
+    Ok(Json(view(&state, &node)))
+}
+
+async fn delete(
+    t: NodeType,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(reference): Path<String>,
+) -> ApiResult<StatusCode> {
+    authenticate(&state, &headers).await?;
+    let node = find(t, &state, &reference).await?;
+    state.store.delete_node(&node.id).await?;
+    if let Some(conn) = state.registry.remove(&node.id) {
+        conn.mux
+            .close(close::NODE_DELETED, "node deleted on the control plane");
+    }
+    tracing::info!(node = %node.name, id = %node.id, "node deleted; its token no longer works");
+    Ok(StatusCode::NO_CONTENT)
+}
