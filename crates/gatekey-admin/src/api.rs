@@ -1,0 +1,209 @@
+//! The admin API's objects (docs/api.md), as the client reads and writes
+//! them. Unknown fields are kept in `extra` so `-o json` shows everything
+//! a newer server sends.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A node as the agent registry sees it (`GET /api/v1/agents`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Agent {
+    pub id: String,
+    pub name: String,
+    /// `gateway`, `hub`, `spoke` or `device`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub connected: bool,
+    /// RFC 3339.
+    #[serde(default)]
+    pub connected_at: Option<String>,
+    /// RFC 3339.
+    #[serde(default)]
+    pub last_seen: Option<String>,
+    #[serde(default)]
+    pub remote_addr: Option<String>,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// The effective switch: node config and control plane both allow sessions.
+    #[serde(default)]
+    pub session_enabled: bool,
+    /// The node's own `session_enabled`; `None` while it never connected.
+    #[serde(default)]
+    pub session_enabled_agent: Option<bool>,
+    #[serde(default)]
+    pub session_enabled_control_plane: bool,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// A registered node (`/api/v1/gateways`, `/api/v1/mesh/hubs`, …).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    /// The control plane's switch for this node.
+    #[serde(default)]
+    pub session_enabled: bool,
+    #[serde(default)]
+    pub created_at: Option<String>,
+    #[serde(default)]
+    pub connected: bool,
+    #[serde(default)]
+    pub last_seen: Option<String>,
+    /// Only in the answer to `create`: the agent's token, shown once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// The four kinds of node, each with its own API path and CLI command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NodeType {
+    Gateway,
+    Hub,
+    Spoke,
+    Device,
+}
+
+impl NodeType {
+    pub const ALL: [NodeType; 4] = [
+        NodeType::Gateway,
+        NodeType::Hub,
+        NodeType::Spoke,
+        NodeType::Device,
+    ];
+
+    /// The API collection path.
+    pub fn path(self) -> &'static str {
+        match self {
+            NodeType::Gateway => "/api/v1/gateways",
+            NodeType::Hub => "/api/v1/mesh/hubs",
+            NodeType::Spoke => "/api/v1/mesh/spokes",
+            NodeType::Device => "/api/v1/devices",
+        }
+    }
+
+    /// The `type` field's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeType::Gateway => "gateway",
+            NodeType::Hub => "hub",
+            NodeType::Spoke => "spoke",
+            NodeType::Device => "device",
+        }
+    }
+
+    /// The CLI command that manages this type (`mesh hub`, …).
+    pub fn command(self) -> &'static str {
+        match self {
+            NodeType::Gateway => "gateway",
+            NodeType::Hub => "mesh hub",
+            NodeType::Spoke => "mesh spoke",
+            NodeType::Device => "device",
+        }
+    }
+
+    /// Where the agent's config lives on the node.
+    pub fn config_file(self) -> &'static str {
+        match self {
+            NodeType::Gateway => "/etc/gatekey/gateway.yaml",
+            NodeType::Hub => "/etc/gatekey/hub.yaml",
+            NodeType::Spoke => "/etc/gatekey/spoke.yaml",
+            NodeType::Device => "/etc/gatekey/device.yaml",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<NodeType> {
+        NodeType::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for NodeType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `POST /api/v1/agents/{ref}/exec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// A shell command line, run as `/bin/sh -c` on the node.
+    pub command: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+    /// Text fed to the command's stdin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+}
+
+/// The answer to a one-shot exec.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResponse {
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub timed_out: bool,
+    #[serde(default)]
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub stdout: String,
+    #[serde(default)]
+    pub stderr: String,
+    #[serde(default)]
+    pub stdout_truncated: bool,
+    #[serde(default)]
+    pub stderr_truncated: bool,
+}
+
+/// `GET /api/v1/version`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServerVersion {
+    pub version: String,
+    /// Oldest and newest agent-link protocol versions the server speaks.
+    #[serde(default)]
+    pub link_protocol: Vec<u32>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// `{"items": [...]}`, the shape of every list answer.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Items<T> {
+    pub items: Vec<T>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_round_trips_unknown_fields() {
+        let raw = r#"{"id":"a1b2c3d4","name":"hub-1","type":"hub","connected":true,
+            "connected_at":"2024-01-15T10:30:45Z","last_seen":"2024-01-15T10:30:45Z",
+            "remote_addr":"10.0.0.7:53122","version":"0.1.0","hostname":"hub-1.local",
+            "session_enabled":true,"session_enabled_agent":null,"session_enabled_control_plane":true,
+            "labels":{"site":"dc1"}}"#;
+        let agent: Agent = serde_json::from_str(raw).unwrap();
+        assert_eq!(agent.kind, "hub");
+        assert_eq!(agent.session_enabled_agent, None);
+        let back = serde_json::to_value(&agent).unwrap();
+        assert_eq!(back, serde_json::from_str::<Value>(raw).unwrap());
+    }
+
+    #[test]
+    fn node_types() {
+        for t in NodeType::ALL {
+            assert_eq!(NodeType::parse(t.as_str()), Some(t));
+        }
+        assert_eq!(NodeType::Spoke.path(), "/api/v1/mesh/spokes");
+        assert_eq!(NodeType::Hub.command(), "mesh hub");
+    }
+}

@@ -1,0 +1,440 @@
+//! The admin API client: typed calls over HTTP/1.1 + TLS. One keep-alive
+//! connection per [`Client`] is reused for successive requests (a CLI run or
+//! a benchmark loop pays the TLS handshake once) and redialled transparently
+//! when the server has closed it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gatekey_proto::names;
+use gatekey_proto::transport::{self, Endpoint};
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use crate::api::{Agent, ExecRequest, ExecResponse, Node, NodeType, ServerVersion};
+pub use crate::error::{ApiError, ClientError};
+
+/// Result of every client call.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Largest response body read (a one-shot exec answer holds two streams of
+/// up to 1 MiB each, JSON-escaped).
+const MAX_BODY: usize = 64 * 1024 * 1024;
+/// Default for [`ClientConfig::timeout`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where and how to reach the control plane.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `https://host[:port]`.
+    pub server: String,
+    /// Sent as `Authorization: Bearer KEY`.
+    pub api_key: Option<String>,
+    /// PEM file of the CA to trust instead of the system roots.
+    pub ca_cert: Option<PathBuf>,
+    /// Bounds connecting (TCP + TLS) and each request/answer. A one-shot exec
+    /// waits this long on top of the command's own timeout.
+    pub timeout: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(server: impl Into<String>) -> ClientConfig {
+        ClientConfig {
+            server: server.into(),
+            api_key: None,
+            ca_cert: None,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// A client of one control plane. Cheap to share behind an `Arc`; requests
+/// from several tasks take turns on the one connection (HTTP/1.1 has no
+/// multiplexing), so use one `Client` per concurrent caller for parallelism.
+pub struct Client {
+    pub(crate) endpoint: Endpoint,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
+    pub(crate) api_key: Option<String>,
+    pub(crate) timeout: Duration,
+    conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+    connections: AtomicU64,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("server", &self.endpoint.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Parses the URL and loads the trust roots; does not connect yet.
+    pub fn new(config: ClientConfig) -> Result<Client> {
+        let endpoint = Endpoint::parse(&config.server)?;
+        let tls = transport::client_config(config.ca_cert.as_deref())?;
+        Ok(Client {
+            endpoint,
+            tls,
+            api_key: config.api_key.filter(|k| !k.is_empty()),
+            timeout: config.timeout,
+            conn: tokio::sync::Mutex::new(None),
+            connections: AtomicU64::new(0),
+        })
+    }
+
+    /// The control plane URL, without a trailing slash.
+    pub fn server(&self) -> &str {
+        &self.endpoint.url
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// How many TLS connections the HTTP side has opened so far (keep-alive
+    /// makes this 1 for a sequence of requests; tests check it).
+    pub fn connections_opened(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    // ---- endpoints (docs/api.md) ----
+
+    /// `GET /api/v1/version` (no key needed).
+    pub async fn version(&self) -> Result<ServerVersion> {
+        self.call(Method::GET, "/api/v1/version", None::<&()>, false)
+            .await
+    }
+
+    /// `GET /api/v1/agents[?connected=true]`.
+    pub async fn list_agents(&self, connected_only: bool) -> Result<Vec<Agent>> {
+        let path = if connected_only {
+            "/api/v1/agents?connected=true"
+        } else {
+            "/api/v1/agents"
+        };
+        let list: crate::api::Items<Agent> =
+            self.call(Method::GET, path, None::<&()>, true).await?;
+        Ok(list.items)
+    }
+
+    /// `GET /api/v1/agents/{ref}`; `agent` is a node name or id.
+    pub async fn get_agent(&self, agent: &str) -> Result<Agent> {
+        check_ref("agent", agent)?;
+        self.call(
+            Method::GET,
+            &format!("/api/v1/agents/{agent}"),
+            None::<&()>,
+            true,
+        )
+        .await
+    }
+
+    /// `POST /api/v1/agents/{ref}/exec`: runs a command to completion and
+    /// returns its (capped) output.
+    pub async fn exec_oneshot(&self, agent: &str, request: ExecRequest) -> Result<ExecResponse> {
+        check_ref("agent", agent)?;
+        names::validate_command(&request.command).map_err(ClientError::InvalidArgument)?;
+        // The answer comes when the command ends: wait for its timeout too
+        // (60s on the agent when none is given).
+        let run = Duration::from_secs(request.timeout_seconds.unwrap_or(60));
+        let path = format!("/api/v1/agents/{agent}/exec");
+        self.call_with_timeout(
+            Method::POST,
+            &path,
+            Some(&request),
+            true,
+            self.timeout + run,
+        )
+        .await
+    }
+
+    /// `POST {type path}`: registers a node; the answer carries its token,
+    /// which is never shown again. `id` defaults to 8 random hex characters;
+    /// `session_enabled` to the server's default when `None`.
+    pub async fn create_node(
+        &self,
+        kind: NodeType,
+        name: &str,
+        id: Option<&str>,
+        session_enabled: Option<bool>,
+    ) -> Result<Node> {
+        names::validate("name", name).map_err(ClientError::InvalidArgument)?;
+        if let Some(id) = id {
+            names::validate("id", id).map_err(ClientError::InvalidArgument)?;
+        }
+        #[derive(Serialize)]
+        struct Create<'a> {
+            name: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            session_enabled: Option<bool>,
+        }
+        self.call(
+            Method::POST,
+            kind.path(),
+            Some(&Create {
+                name,
+                id,
+                session_enabled,
+            }),
+            true,
+        )
+        .await
+    }
+
+    /// `GET {type path}`.
+    pub async fn list_nodes(&self, kind: NodeType) -> Result<Vec<Node>> {
+        let list: crate::api::Items<Node> = self
+            .call(Method::GET, kind.path(), None::<&()>, true)
+            .await?;
+        Ok(list.items)
+    }
+
+    /// `GET {type path}/{ref}`.
+    pub async fn get_node(&self, kind: NodeType, node: &str) -> Result<Node> {
+        check_ref(kind.as_str(), node)?;
+        self.call(
+            Method::GET,
+            &format!("{}/{node}", kind.path()),
+            None::<&()>,
+            true,
+        )
+        .await
+    }
+
+    /// `PATCH {type path}/{ref}`: the control plane's session switch.
+    pub async fn update_node(
+        &self,
+        kind: NodeType,
+        node: &str,
+        session_enabled: bool,
+    ) -> Result<Node> {
+        check_ref(kind.as_str(), node)?;
+        let body = serde_json::json!({ "session_enabled": session_enabled });
+        self.call(
+            Method::PATCH,
+            &format!("{}/{node}", kind.path()),
+            Some(&body),
+            true,
+        )
+        .await
+    }
+
+    /// `DELETE {type path}/{ref}`: the agent is disconnected, its token revoked.
+    pub async fn delete_node(&self, kind: NodeType, node: &str) -> Result<()> {
+        check_ref(kind.as_str(), node)?;
+        let (status, body) = self
+            .request(
+                Method::DELETE,
+                &format!("{}/{node}", kind.path()),
+                None,
+                true,
+                self.timeout,
+            )
+            .await?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(ClientError::Api(ApiError::from_response(
+                status.as_u16(),
+                &body,
+            )))
+        }
+    }
+
+    // ---- plumbing ----
+
+    pub(crate) fn require_key(&self) -> Result<&str> {
+        self.api_key.as_deref().ok_or(ClientError::MissingApiKey)
+    }
+
+    async fn call<T: DeserializeOwned, B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        auth: bool,
+    ) -> Result<T> {
+        self.call_with_timeout(method, path, body, auth, self.timeout)
+            .await
+    }
+
+    async fn call_with_timeout<T: DeserializeOwned, B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        auth: bool,
+        timeout: Duration,
+    ) -> Result<T> {
+        let body = body
+            .map(|b| serde_json::to_vec(b).map(Bytes::from))
+            .transpose()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let (status, bytes) = self.request(method, path, body, auth, timeout).await?;
+        if !status.is_success() {
+            return Err(ClientError::Api(ApiError::from_response(
+                status.as_u16(),
+                &bytes,
+            )));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("{path}: {e}")))
+    }
+
+    /// Sends one request on the kept-alive connection (dialling it first if
+    /// needed) and reads the whole answer.
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        auth: bool,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes)> {
+        let key = if auth {
+            Some(self.require_key()?)
+        } else {
+            None
+        };
+        let work = async {
+            // Held for the whole exchange: HTTP/1.1 serves one request at a time.
+            let mut conn = self.conn.lock().await;
+            let mut retried = false;
+            loop {
+                let reused = conn.as_ref().is_some_and(|c| !c.is_closed());
+                if !reused {
+                    *conn = Some(self.connect().await?);
+                }
+                let sender = conn.as_mut().expect("connection just set");
+                if let Err(e) = sender.ready().await {
+                    *conn = None;
+                    if reused && !retried {
+                        retried = true;
+                        continue;
+                    }
+                    return Err(self.connection_error(e));
+                }
+                let request = self.build_request(&method, path, body.clone(), key)?;
+                match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        let status = response.status();
+                        let collected =
+                            Limited::new(response.into_body(), MAX_BODY).collect().await;
+                        return match collected {
+                            Ok(c) => Ok((status, c.to_bytes())),
+                            Err(e) => {
+                                *conn = None;
+                                Err(ClientError::Connection {
+                                    server: self.endpoint.url.clone(),
+                                    detail: e.to_string(),
+                                })
+                            }
+                        };
+                    }
+                    Err(mut e) => {
+                        *conn = None;
+                        // A kept-alive connection the server closed while idle:
+                        // retry once if the request surely did not take effect.
+                        let unsent = e.take_message().is_some();
+                        let idempotent = method != Method::POST;
+                        let closed_early =
+                            e.error().is_incomplete_message() || e.error().is_canceled();
+                        if reused && !retried && (unsent || (idempotent && closed_early)) {
+                            retried = true;
+                            continue;
+                        }
+                        return Err(self.connection_error(e.into_error()));
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| ClientError::RequestTimeout {
+                server: self.endpoint.url.clone(),
+                after: timeout,
+            })?
+    }
+
+    fn build_request(
+        &self,
+        method: &Method,
+        path: &str,
+        body: Option<Bytes>,
+        key: Option<&str>,
+    ) -> Result<Request<Full<Bytes>>> {
+        let mut builder = Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header(header::HOST, self.endpoint.authority())
+            .header(
+                header::USER_AGENT,
+                concat!("gatekey-admin/", env!("CARGO_PKG_VERSION")),
+            )
+            .header(header::ACCEPT, "application/json");
+        if let Some(key) = key {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        if body.is_some() {
+            builder = builder.header(header::CONTENT_TYPE, "application/json");
+        }
+        builder
+            .body(Full::new(body.unwrap_or_default()))
+            .map_err(|e| {
+                ClientError::InvalidArgument(format!("cannot build request for {path}: {e}"))
+            })
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>> {
+        let tls = transport::connect_tls(&self.endpoint, self.tls.clone(), self.timeout).await?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| self.connection_error(e))?;
+        // Drives the connection until both sides are done with it (the
+        // sender is dropped with the Client, or the server closes).
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        Ok(sender)
+    }
+
+    fn connection_error(&self, e: hyper::Error) -> ClientError {
+        ClientError::Connection {
+            server: self.endpoint.url.clone(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// Names and ids go into URL paths: only the documented characters pass.
+pub(crate) fn check_ref(kind: &str, value: &str) -> Result<()> {
+    names::validate(&format!("{kind} name or id"), value).map_err(ClientError::InvalidArgument)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refs_are_checked_before_any_request() {
+        assert!(check_ref("agent", "hub-1").is_ok());
+        let e = check_ref("agent", "../etc").unwrap_err();
+        assert_eq!(e.exit_code(), crate::exit::INVALID_ARGUMENT);
+    }
+
+    #[test]
+    fn bad_urls_are_invalid_arguments() {
+        let e = Client::new(ClientConfig::new("http://plain")).unwrap_err();
+        assert_eq!(e.exit_code(), crate::exit::INVALID_ARGUMENT);
+    }
+}

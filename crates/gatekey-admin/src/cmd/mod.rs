@@ -1,0 +1,7 @@
+//! One module per command group; each returns the exit code or an error
+//! that [`crate::cli::report`] prints.
+
+pub mod login;
+pub mod node;
+pub mod session;
+pub mod version;

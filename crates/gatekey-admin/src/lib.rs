@@ -1,0 +1,44 @@
+//! gatekey-admin: the administrator's CLI and the client library that the
+//! CLI, the integration tests and the benchmarks share.
+//!
+//! - [`client`]: [`Client`](client::Client), typed calls to the admin API
+//!   over one kept-alive HTTPS connection.
+//! - [`stream`]: streaming exec over the admin stream protocol.
+//! - [`error`], [`exit`]: one error type, one exit code per kind of failure.
+//! - [`config`]: flags > environment > `~/.config/gatekey/admin.yaml`.
+//! - [`output`]: tables, JSON and YAML.
+//! - [`cli`]: the command line itself; [`main`] runs it.
+
+pub mod api;
+pub mod cli;
+pub mod client;
+mod cmd;
+pub mod config;
+pub mod error;
+pub mod exit;
+pub mod output;
+pub mod stdio;
+pub mod stream;
+
+pub use client::{Client, ClientConfig, ClientError};
+pub use stream::{ExecOptions, ExecSession};
+
+/// Runs the CLI with the process's arguments; returns the exit code.
+pub fn main() -> i32 {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            cli::warn(&format!("cannot start the async runtime: {e}"));
+            return exit::FAILURE;
+        }
+    };
+    let code = runtime.block_on(cli::run_args(std::env::args_os()));
+    // A blocking read of stdin may still be pending (stdin forwarded from a
+    // pipe that never closed): don't wait for it.
+    runtime.shutdown_background();
+    code
+}
