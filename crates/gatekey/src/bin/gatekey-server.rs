@@ -1,0 +1,3 @@
+fn main() {
+    std::process::exit(gatekey_server::cli::main());
+}

@@ -1,0 +1,402 @@
+//! Starts real gatekey processes on loopback with real TLS: a control plane
+//! on a free port with its own data directory, agents with generated configs,
+//! and the admin CLI pointed at them. Used by the integration tests and by
+//! gatekey-bench; everything is killed and removed on drop.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Paths of the three binaries.
+#[derive(Clone, Debug)]
+pub struct Bins {
+    pub server: PathBuf,
+    pub agent: PathBuf,
+    pub admin: PathBuf,
+}
+
+impl Bins {
+    /// The binaries beside the running executable (or its parent directory,
+    /// for test executables under `target/*/deps`).
+    pub fn beside_current_exe() -> Bins {
+        let exe = std::env::current_exe().expect("current exe");
+        let mut dir = exe.parent().expect("exe dir").to_path_buf();
+        if !dir.join("gatekey-server").exists()
+            && let Some(parent) = dir.parent()
+        {
+            dir = parent.to_path_buf();
+        }
+        let bins = Bins {
+            server: dir.join("gatekey-server"),
+            agent: dir.join("gatekey-agent"),
+            admin: dir.join("gatekey-admin"),
+        };
+        for b in [&bins.server, &bins.agent, &bins.admin] {
+            assert!(
+                b.exists(),
+                "{} is missing: build it first (cargo build -p gatekey)",
+                b.display()
+            );
+        }
+        bins
+    }
+}
+
+/// A registered node.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    pub id: String,
+    pub name: String,
+    pub token: String,
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// A running control plane and the agents started through it.
+pub struct Cluster {
+    pub bins: Bins,
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
+    pub url: String,
+    pub ca_cert: PathBuf,
+    pub admin_key: String,
+    server: Option<Child>,
+    server_args: Vec<String>,
+}
+
+impl Cluster {
+    pub fn start(bins: &Bins) -> Cluster {
+        Cluster::start_with(bins, &[])
+    }
+
+    /// Starts a control plane with extra `gatekey-server` arguments.
+    pub fn start_with(bins: &Bins, extra_args: &[&str]) -> Cluster {
+        let dir = std::env::temp_dir().join(format!(
+            "gatekey-test-{}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            Instant::now().elapsed().as_nanos()
+                ^ (std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos())
+        ));
+        std::fs::create_dir_all(dir.join("home/.config")).expect("create test dir");
+        let mut c = Cluster {
+            bins: bins.clone(),
+            ca_cert: dir.join("server/tls/ca.pem"),
+            dir,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            url: String::new(),
+            admin_key: String::new(),
+            server: None,
+            server_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        c.spawn_server("127.0.0.1:0");
+        c
+    }
+
+    fn spawn_server(&mut self, listen: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .expect("server log");
+        let mut child = Command::new(&self.bins.server)
+            .arg("--listen")
+            .arg(listen)
+            .arg("--data-dir")
+            .arg(self.dir.join("server"))
+            .args(&self.server_args)
+            .env("RUST_LOG", "info,gatekey_server=debug")
+            .env_remove("GATEKEY_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn gatekey-server");
+        let stdout = child.stdout.take().expect("server stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    // Nobody listens any more; keep draining so the server never blocks.
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut addr = None;
+        while addr.is_none() {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "control plane did not start; log: {}",
+                        self.log("server.log")
+                    )
+                });
+            if let Some(rest) = line.split("listening on https://").nth(1) {
+                addr = Some(rest.trim().parse::<SocketAddr>().expect("listen address"));
+            }
+        }
+        // The bootstrap key is printed only on first start; afterwards it is in the data dir.
+        let key_file = self.dir.join("server/admin-token");
+        self.admin_key = std::fs::read_to_string(&key_file)
+            .expect("admin-token")
+            .trim()
+            .to_string();
+        self.addr = addr.unwrap();
+        self.url = format!("https://{}", self.addr);
+        self.server = Some(child);
+    }
+
+    /// Stops the control plane (SIGTERM, or SIGKILL when `crash`) and starts
+    /// it again on the same address and data directory.
+    pub fn restart_server(&mut self, crash: bool) {
+        self.stop_server(crash);
+        let listen = self.addr.to_string();
+        self.spawn_server(&listen);
+    }
+
+    pub fn stop_server(&mut self, crash: bool) {
+        if let Some(mut child) = self.server.take() {
+            let sig = if crash {
+                libc_sig::KILL
+            } else {
+                libc_sig::TERM
+            };
+            signal(child.id(), sig);
+            let _ = child.wait();
+        }
+    }
+
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server.as_ref().map(|c| c.id())
+    }
+
+    /// `gatekey-admin` pointed at this control plane through the environment,
+    /// with a private HOME so no user config interferes.
+    pub fn admin(&self) -> Command {
+        let mut cmd = Command::new(&self.bins.admin);
+        cmd.env("GATEKEY_SERVER", &self.url)
+            .env("GATEKEY_API_KEY", &self.admin_key)
+            .env("GATEKEY_CA_CERT", &self.ca_cert)
+            .env("HOME", self.dir.join("home"))
+            .env("XDG_CONFIG_HOME", self.dir.join("home/.config"));
+        cmd
+    }
+
+    /// Runs `gatekey-admin ARGS` and returns its output.
+    pub fn admin_run(&self, args: &[&str]) -> Output {
+        self.admin()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run gatekey-admin")
+    }
+
+    /// Runs `gatekey-admin ARGS`, panicking with its stderr unless it succeeds.
+    pub fn admin_ok(&self, args: &[&str]) -> String {
+        let out = self.admin_run(args);
+        assert!(
+            out.status.success(),
+            "gatekey-admin {args:?} failed ({:?}): {}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// Registers a node: `noun` is `gateway`, `mesh hub`, `mesh spoke` or `device`.
+    pub fn create_node(&self, noun: &str, name: &str) -> NodeInfo {
+        let mut args: Vec<&str> = noun.split(' ').collect();
+        args.extend(["create", name, "-o", "json"]);
+        let v: serde_json::Value =
+            serde_json::from_str(&self.admin_ok(&args)).expect("create -o json");
+        NodeInfo {
+            id: v["id"].as_str().expect("id").to_string(),
+            name: v["name"].as_str().expect("name").to_string(),
+            token: v["token"].as_str().expect("token").to_string(),
+        }
+    }
+
+    /// Writes an agent config file and returns its path.
+    pub fn agent_config(
+        &self,
+        name: &str,
+        token: &str,
+        session_enabled: bool,
+        extra: &str,
+    ) -> PathBuf {
+        let dir = self.dir.join("agents");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!(
+            "{name}-{}.yaml",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(
+            &path,
+            format!(
+                "name: {name}\ncontrol_plane_url: {}\ntoken: {token}\nca_cert: {}\nsession_enabled: {session_enabled}\n{extra}",
+                self.url,
+                self.ca_cert.display()
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// Starts `gatekey-agent --config PATH`.
+    pub fn spawn_agent(&self, config: &Path) -> AgentProc {
+        let log = config.with_extension("log");
+        let file = std::fs::File::create(&log).expect("agent log");
+        let child = Command::new(&self.bins.agent)
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info,gatekey_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn gatekey-agent");
+        AgentProc { child, log }
+    }
+
+    /// Registers a node of `noun` type, starts its agent and waits until it is connected.
+    pub fn agent(&self, noun: &str, name: &str, session_enabled: bool) -> (NodeInfo, AgentProc) {
+        let node = self.create_node(noun, name);
+        let cfg = self.agent_config(name, &node.token, session_enabled, "");
+        let proc = self.spawn_agent(&cfg);
+        self.wait_for_agent(name, true, &proc);
+        (node, proc)
+    }
+
+    /// Waits until `session list --all` does (or does not) show the agent.
+    pub fn wait_for_agent(&self, name: &str, connected: bool, proc: &AgentProc) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.admin_run(&["session", "list", "--all", "-o", "json"]);
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                let found = v
+                    .as_array()
+                    .or_else(|| v["items"].as_array())
+                    .is_some_and(|items| {
+                        items
+                            .iter()
+                            .any(|a| a["name"] == name && a["connected"] != false)
+                    });
+                if found == connected {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent {name} did not become connected={connected}; agent log:\n{}\nserver log:\n{}",
+                std::fs::read_to_string(&proc.log).unwrap_or_default(),
+                self.log("server.log")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The tail of a log file in the cluster's directory.
+    pub fn log(&self, name: &str) -> String {
+        let s = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+        s.lines()
+            .rev()
+            .take(60)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_server(true);
+        if std::env::var_os("GATEKEY_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A running agent process; killed on drop.
+pub struct AgentProc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl AgentProc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    /// Sends SIGTERM and waits for the exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        signal(self.child.id(), libc_sig::TERM);
+        self.child.wait().expect("wait agent")
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+mod libc_sig {
+    pub const TERM: i32 = 15;
+    pub const KILL: i32 = 9;
+}
+
+fn signal(pid: u32, sig: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Waits for `f` to become true, polling; panics with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Pids of live processes whose command line contains `marker`.
+pub fn processes_with(marker: &str) -> Vec<u32> {
+    let mut pids = vec![];
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        // Zombies have an empty cmdline and are already dead; the CLI that
+        // asked for the command carries the marker too but runs here.
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(marker) && !cmdline.contains("gatekey-admin") {
+            pids.push(pid);
+        }
+    }
+    pids
+}
