@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building and testing gatekey needs beyond the Rust toolchain,
+# only where it is missing: protoc (to check the checked-in protobuf code),
+# buf (from the npm registry, to lint the schema and catch breaking changes),
+# tmux and Python's websockets (tests drive the CLI and the WebSocket API
+# like users do).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+command -v tmux >/dev/null || need_apt+=(tmux)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]}"
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  fi
+fi
+
+if [ ! -x tools/buf/node_modules/.bin/buf ]; then
+  echo "setup: installing buf (npm)"
+  # `npm install` (not `npm ci`): the lock pins buf 1.75.0 but some registries
+  # lack the other platforms' optional packages, which `npm ci` insists on.
+  (cd tools/buf && npm install --no-audit --no-fund --loglevel=error)
+fi
