@@ -25,8 +25,8 @@ pub use stream::{ExecOptions, ExecSession};
 
 /// Runs the CLI with the process's arguments; returns the exit code.
 pub fn main() -> i32 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    gatekey_proto::allocator::tune_for_streaming();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

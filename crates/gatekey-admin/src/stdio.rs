@@ -18,9 +18,10 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 
 /// An unbuffered [`AsyncWrite`] on a file descriptor: every `poll_write` is
 /// one write(2) from the caller's buffer, so output shows as soon as it is
-/// written. The write blocks the calling thread (inside `block_in_place` on
-/// a multi-threaded runtime), which is what a slow reader of our stdout
-/// should cause: backpressure, no growing buffer.
+/// written. The write blocks the calling thread (the whole CLI on its
+/// single-threaded runtime; inside `block_in_place` on a multi-threaded
+/// one), which is what a slow reader of our stdout should cause:
+/// backpressure, no growing buffer.
 pub struct RawWriter<F> {
     fd: F,
 }

@@ -77,7 +77,7 @@ impl Client {
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_MESSAGE))
             .max_frame_size(Some(MAX_MESSAGE))
-            .read_buffer_size(256 * 1024);
+            .read_buffer_size(8 * 1024);
         let headers = [("authorization", format!("Bearer {key}"))];
         let dialed = transport::connect_ws(
             &self.endpoint,
@@ -91,7 +91,7 @@ impl Client {
         .await;
         match dialed {
             Ok((ws, protocol)) => {
-                keepalive(ws.get_ref().get_ref().0);
+                keepalive(ws.get_ref().get_ref().0.get_ref());
                 Ok(ExecSession {
                     ws,
                     protocol,

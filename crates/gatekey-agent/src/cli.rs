@@ -60,7 +60,8 @@ pub fn main_with(args: Args) -> i32 {
     }
     init_logging(&config.log_level);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    gatekey_proto::allocator::tune_for_streaming();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -202,7 +202,7 @@ fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(limits::MAX_LINK_MESSAGE))
         .max_frame_size(Some(limits::MAX_LINK_MESSAGE))
-        .read_buffer_size(64 * 1024)
+        .read_buffer_size(8 * 1024)
 }
 
 /// The agent's first message.

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
+
+use crate::readahead::ReadAhead;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
@@ -138,7 +140,7 @@ pub async fn connect_tls(
     endpoint: &Endpoint,
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
-) -> Result<TlsStream<TcpStream>, TransportError> {
+) -> Result<TlsStream<Tcp>, TransportError> {
     let addr = endpoint.authority();
     let work = async {
         let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
@@ -151,7 +153,7 @@ pub async fn connect_tls(
         let name = ServerName::try_from(endpoint.host.clone())
             .map_err(|_| TransportError::InvalidUrl(endpoint.url.clone()))?;
         TlsConnector::from(tls)
-            .connect(name, tcp)
+            .connect(name, ReadAhead::new(tcp))
             .await
             .map_err(|e| classify_tls(&addr, e))
     };
@@ -183,7 +185,10 @@ fn classify_tls(addr: &str, e: io::Error) -> TransportError {
 }
 
 /// A WebSocket to the control plane over TLS.
-pub type WsStream = WebSocketStream<TlsStream<TcpStream>>;
+pub type WsStream = WebSocketStream<TlsStream<Tcp>>;
+
+/// A TCP connection as TLS runs on it.
+pub type Tcp = ReadAhead<TcpStream>;
 
 /// Connects and upgrades to a WebSocket on `path` (with query), sending
 /// `headers` and offering `protocols`. Returns the negotiated subprotocol.
@@ -240,8 +245,8 @@ pub async fn connect_ws(
 }
 
 /// The peer address of a connected TLS stream, for logs.
-pub fn peer_addr(stream: &TlsStream<TcpStream>) -> Option<SocketAddr> {
-    stream.get_ref().0.peer_addr().ok()
+pub fn peer_addr(stream: &TlsStream<Tcp>) -> Option<SocketAddr> {
+    stream.get_ref().0.get_ref().peer_addr().ok()
 }
 
 #[cfg(test)]

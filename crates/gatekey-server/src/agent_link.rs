@@ -90,7 +90,7 @@ async fn upgrade_inner(state: AppState, mut req: Request) -> ApiResult<Response>
     let response = up.response();
     tokio::spawn(async move {
         let config = WebSocketConfig::default()
-            .read_buffer_size(32 * 1024)
+            .read_buffer_size(8 * 1024)
             .write_buffer_size(64 * 1024)
             .max_message_size(Some(limits::MAX_LINK_MESSAGE))
             .max_frame_size(Some(limits::MAX_LINK_MESSAGE));

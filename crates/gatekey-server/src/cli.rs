@@ -78,6 +78,7 @@ pub fn main() -> i32 {
         return exit::CONFIG;
     }
     init_logging(&config.log_level);
+    gatekey_proto::allocator::tune_for_streaming();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
