@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 command -v tmux >/dev/null || need_apt+=(tmux)
+/usr/bin/python3 -c 'import websockets' 2>/dev/null || need_apt+=(python3-websockets)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then

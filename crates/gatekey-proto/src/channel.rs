@@ -104,6 +104,14 @@ pub const REASON_INTERNAL: &str = "InternalError";
 pub const REASON_CANCELLED: &str = "Cancelled";
 /// The agent or its link went away mid-session (the CLI's "session lost").
 pub const REASON_SESSION_LOST: &str = "ServiceUnavailable";
+/// An administrator ended the session (`session kill`); the message says who.
+pub const REASON_KILLED: &str = "SessionKilled";
+/// Another user took the console over (`--force`); the message says who.
+pub const REASON_TAKEN_OVER: &str = "SessionTakenOver";
+/// The session saw no input and no output for the idle timeout.
+pub const REASON_IDLE_TIMEOUT: &str = "IdleTimeout";
+/// The session reached the control plane's maximum session duration.
+pub const REASON_MAX_DURATION: &str = "MaxDurationExceeded";
 pub const CAUSE_EXIT_CODE: &str = "ExitCode";
 pub const CAUSE_SIGNAL: &str = "Signal";
 

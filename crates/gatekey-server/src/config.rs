@@ -36,6 +36,10 @@ pub struct Config {
     pub liveness_probe_timeout: Duration,
     /// Extra time past a command's own timeout before the control plane gives up on the agent.
     pub exec_grace: Duration,
+    /// A console with no input and no output for this long is ended (zero: never).
+    pub console_idle_timeout: Duration,
+    /// Longest any session may last (zero: no limit).
+    pub session_max_duration: Duration,
     /// Per-stream cap on output returned by the one-shot exec API.
     pub exec_output_limit: usize,
     /// Per-stream flow-control window on agent links.
@@ -65,6 +69,8 @@ impl Default for Config {
             session_open_timeout: Duration::from_secs(10),
             liveness_probe_timeout: Duration::from_secs(5),
             exec_grace: Duration::from_secs(10),
+            console_idle_timeout: Duration::from_secs(30 * 60),
+            session_max_duration: Duration::ZERO,
             exec_output_limit: 1024 * 1024,
             stream_window: gatekey_proto::limits::DEFAULT_WINDOW,
             max_connections: 100_000,
@@ -98,6 +104,10 @@ struct FileConfig {
     liveness_probe_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
     exec_grace: Option<Duration>,
+    #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
+    console_idle_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
+    session_max_duration: Option<Duration>,
     exec_output_limit: Option<usize>,
     stream_window: Option<u32>,
     max_connections: Option<usize>,
@@ -136,6 +146,8 @@ impl Config {
             session_open_timeout,
             liveness_probe_timeout,
             exec_grace,
+            console_idle_timeout,
+            session_max_duration,
             exec_output_limit,
             stream_window,
             max_connections,
@@ -212,6 +224,12 @@ impl Config {
         }
         if let Some(v) = dur("GATEKEY_EXEC_GRACE")? {
             self.exec_grace = v;
+        }
+        if let Some(v) = dur("GATEKEY_CONSOLE_IDLE_TIMEOUT")? {
+            self.console_idle_timeout = v;
+        }
+        if let Some(v) = dur("GATEKEY_SESSION_MAX_DURATION")? {
+            self.session_max_duration = v;
         }
         if let Some(v) = num("GATEKEY_EXEC_OUTPUT_LIMIT")? {
             self.exec_output_limit = v as usize;

@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod live;
 pub mod registry;
 pub mod relay;
 pub mod secret;

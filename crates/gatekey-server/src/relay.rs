@@ -1,46 +1,128 @@
-//! The admin stream relay: a client WebSocket speaking the Kubernetes channel
-//! protocol on one side, an agent-link stream on the other. It only moves
-//! bytes: agent output is forwarded without copying (an agent data message
-//! minus its 5-byte header *is* a channel message) and credit goes back to
-//! the agent only once the client's socket has taken the bytes.
+//! The admin stream relay: one agent-link stream on one side, one or more
+//! client WebSockets speaking the Kubernetes channel protocol on the other
+//! (an exec has one client; a console may be shared or observed).
+//!
+//! It only moves bytes: agent output is forwarded without copying (an agent
+//! data message minus its 5-byte header *is* a channel message), and credit
+//! goes back to the agent only once every client's socket has taken the
+//! bytes, so the slowest reader paces the remote process and memory stays
+//! bounded by the stream window. A client that stops reading for longer
+//! than the heartbeat timeout is dropped from the session.
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::stream::SplitStream;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use gatekey_proto::channel::{self, Status, TerminalSize};
 use gatekey_proto::link::CH_STDIN;
 use gatekey_proto::mux::{Event, LinkClosed, Stream, StreamHandle};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::live::{Live, ParticipantInfo, Registration, Role, addr_string, now_ms};
 use crate::session::exit_status;
 use crate::ws::ServerWs;
 
 /// Most agent messages forwarded before one flush.
 const BATCH: usize = 32;
 
-/// Why the client → agent half stopped.
-enum InputEnd {
-    /// The client closed its WebSocket or vanished: end the remote process.
-    ClientGone,
-    /// The stream ended on the agent's side; its final event is on the way.
-    StreamEnded,
+/// A client joining a session.
+pub struct Participant {
+    pub user: String,
+    pub role: Role,
+    pub addr: Option<SocketAddr>,
+    pub ws: ServerWs,
+    /// v5 of the channel protocol (stdin half-close on channel 255).
+    pub v5: bool,
 }
 
-/// Relays one session. `close_timeout` bounds sending the final status and
-/// the close handshake to a client that may have stopped reading.
-pub async fn relay(ws: ServerWs, mut stream: Stream, v5: bool, close_timeout: Duration) {
-    let (mut tx, rx) = ws.split();
-    let mut input = tokio::spawn(client_input(rx, stream.handle(), v5));
-    let mut input_done = false;
+/// Orders for a running session.
+pub enum Command {
+    Join(Box<Participant>),
+    /// End the session for everybody with this status reason and message.
+    End {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Timeouts of one session.
+#[derive(Clone, Copy)]
+pub struct Timeouts {
+    /// Bounds sending the final status and close to a client.
+    pub close: Duration,
+    /// How often clients are pinged.
+    pub heartbeat_interval: Duration,
+    /// A client that neither sends nor takes anything for this long is dropped.
+    pub heartbeat_timeout: Duration,
+    /// No input and no output for this long ends the session.
+    pub idle: Option<Duration>,
+    /// The session ends after this long regardless.
+    pub max_duration: Option<Duration>,
+}
+
+struct Member {
+    id: u64,
+    user: String,
+    tx: SplitSink<ServerWs, Message>,
+    reader: JoinHandle<()>,
+}
+
+/// What a client's reader tells the relay.
+enum FromReader {
+    Gone { id: u64, why: &'static str },
+    Notice { id: u64, text: String },
+}
+
+struct Relay {
+    live: Arc<Live>,
+    handle: StreamHandle,
+    members: Vec<Member>,
+    next_id: u64,
+    from_readers: mpsc::UnboundedSender<FromReader>,
+    timeouts: Timeouts,
+}
+
+/// Runs a session until the process ends, it is ended, or every client left.
+pub async fn run(
+    registration: Registration,
+    mut stream: Stream,
+    first: Participant,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    timeouts: Timeouts,
+) {
+    let live = registration.live.clone();
+    let (from_readers, mut reader_events) = mpsc::unbounded_channel();
+    let mut relay = Relay {
+        live: live.clone(),
+        handle: stream.handle(),
+        members: Vec::new(),
+        next_id: 0,
+        from_readers,
+        timeouts,
+    };
+    relay.join(first, false).await;
+    let started = Instant::now();
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + timeouts.heartbeat_interval,
+        timeouts.heartbeat_interval,
+    );
 
     let status = loop {
+        if relay.members.is_empty() {
+            relay.handle.cancel("every client left").await;
+            return;
+        }
         tokio::select! {
-            // Agent events first: an exit that races the client's input ending
-            // must still reach the client as its status.
+            // Agent events first: an exit that races a client leaving must
+            // still reach the clients as their status.
             biased;
             event = stream.next() => {
                 let Some(event) = event else {
@@ -48,18 +130,14 @@ pub async fn relay(ws: ServerWs, mut stream: Stream, v5: bool, close_timeout: Du
                 };
                 match event {
                     Event::Data(first) => {
-                        // Forward this and whatever else is queued, then flush once.
                         let mut consumed = first.len();
-                        let mut failed = tx.feed(Message::Binary(first.channel_message())).await.is_err();
+                        let mut batch = vec![Message::Binary(first.channel_message())];
                         let mut pending = None;
-                        for _ in 0..BATCH {
-                            if failed {
-                                break;
-                            }
+                        while batch.len() < BATCH {
                             match stream.try_next() {
                                 Some(Event::Data(d)) => {
                                     consumed += d.len();
-                                    failed = tx.feed(Message::Binary(d.channel_message())).await.is_err();
+                                    batch.push(Message::Binary(d.channel_message()));
                                 }
                                 Some(other) => {
                                     pending = Some(other);
@@ -68,11 +146,9 @@ pub async fn relay(ws: ServerWs, mut stream: Stream, v5: bool, close_timeout: Du
                                 None => break,
                             }
                         }
-                        if failed || tx.flush().await.is_err() {
-                            stream.handle().cancel("client connection lost").await;
-                            input.abort();
-                            return;
-                        }
+                        live.bytes_out.fetch_add(consumed as u64, Ordering::Relaxed);
+                        live.touch();
+                        relay.broadcast(batch).await;
                         stream.consumed(consumed);
                         if let Some(final_status) = pending.and_then(final_event) {
                             break final_status;
@@ -85,50 +161,258 @@ pub async fn relay(ws: ServerWs, mut stream: Stream, v5: bool, close_timeout: Du
                     }
                 }
             }
-            end = &mut input, if !input_done => {
-                input_done = true;
-                if !matches!(end, Ok(InputEnd::StreamEnded)) {
-                    stream.handle().cancel("client disconnected").await;
-                    return;
+            Some(command) = commands.recv() => match command {
+                Command::Join(p) => relay.join(*p, true).await,
+                Command::End { reason, message } => {
+                    relay.handle.cancel(&message).await;
+                    break Status::failure(reason, message);
+                }
+            },
+            Some(event) = reader_events.recv() => match event {
+                FromReader::Gone { id, why } => {
+                    if let Some(user) = relay.remove(id) {
+                        tracing::info!(session = %live.id, %user, why, "client left the session");
+                        if !relay.members.is_empty() {
+                            relay.notice_all(&format!("{user} left")).await;
+                        }
+                    }
+                }
+                FromReader::Notice { id, text } => relay.notice(id, &text).await,
+            },
+            _ = tick.tick() => {
+                relay.broadcast(vec![Message::Ping(Bytes::new())]).await;
+                if let Some(max) = timeouts.max_duration
+                    && started.elapsed() >= max
+                {
+                    let message = format!("the session reached its maximum duration of {}", human(max));
+                    relay.handle.cancel(&message).await;
+                    break Status::failure(channel::REASON_MAX_DURATION, message);
+                }
+                if let Some(idle) = timeouts.idle {
+                    let quiet = now_ms() - live.last_activity_ms.load(Ordering::Relaxed);
+                    if quiet >= idle.as_millis() as i64 {
+                        let message = format!("the session was idle (no input or output) for {}", human(idle));
+                        relay.handle.cancel(&message).await;
+                        break Status::failure(channel::REASON_IDLE_TIMEOUT, message);
+                    }
                 }
             }
         }
     };
-    input.abort();
-    let finish = async {
-        tx.send(Message::Binary(Bytes::from(status.to_message())))
-            .await?;
-        tx.send(Message::Close(Some(CloseFrame {
-            code: CloseCode::Normal,
-            reason: "".into(),
-        })))
-        .await?;
-        tx.close().await
+    relay.finish(status).await;
+    drop(registration);
+}
+
+impl Relay {
+    async fn join(&mut self, p: Participant, announce: bool) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let (tx, rx) = p.ws.split();
+        let handle = (p.role == Role::Interactive).then(|| self.handle.clone());
+        let reader = tokio::spawn(read_client(
+            id,
+            rx,
+            handle,
+            self.live.clone(),
+            p.v5,
+            self.from_readers.clone(),
+            self.timeouts.heartbeat_timeout,
+        ));
+        self.live
+            .participants
+            .lock()
+            .expect("participants lock")
+            .push(ParticipantInfo {
+                id,
+                user: p.user.clone(),
+                mode: p.role,
+                remote_addr: addr_string(p.addr),
+                joined_at: crate::api::format_time(now_ms()),
+            });
+        let role = match p.role {
+            Role::Interactive => "",
+            Role::Observe => " (observe)",
+        };
+        if announce {
+            self.notice_all(&format!("{} joined{role}", p.user)).await;
+        }
+        self.members.push(Member {
+            id,
+            user: p.user.clone(),
+            tx,
+            reader,
+        });
+        tracing::info!(session = %self.live.id, user = %p.user, role = ?p.role, "client joined the session");
+        if announce {
+            let holders = self.live.holders();
+            let size = match *self.live.size.lock().expect("size lock") {
+                Some((w, h)) => format!(", terminal {w}x{h}"),
+                None => String::new(),
+            };
+            let text = match p.role {
+                Role::Interactive => format!(
+                    "joined the console of {} shared with {holders}{size}",
+                    self.live.agent
+                ),
+                Role::Observe => format!(
+                    "observing the console of {} ({holders}{size}); input is ignored",
+                    self.live.agent
+                ),
+            };
+            self.notice(id, &text).await;
+        }
+    }
+
+    /// Removes a member; returns its user when it was there.
+    fn remove(&mut self, id: u64) -> Option<String> {
+        let at = self.members.iter().position(|m| m.id == id)?;
+        let m = self.members.swap_remove(at);
+        m.reader.abort();
+        self.live
+            .participants
+            .lock()
+            .expect("participants lock")
+            .retain(|p| p.id != id);
+        Some(m.user)
+    }
+
+    /// Sends messages to every member; a member that fails or does not take
+    /// them within the heartbeat timeout is dropped.
+    async fn broadcast(&mut self, batch: Vec<Message>) {
+        let deadline = self.timeouts.heartbeat_timeout;
+        let failed: Vec<u64> = if self.members.len() == 1 {
+            let m = &mut self.members[0];
+            if send_batch(&mut m.tx, batch, deadline).await {
+                vec![]
+            } else {
+                vec![m.id]
+            }
+        } else {
+            let sends = self.members.iter_mut().map(|m| {
+                let batch = batch.clone();
+                async move { (m.id, send_batch(&mut m.tx, batch, deadline).await) }
+            });
+            futures_util::future::join_all(sends)
+                .await
+                .into_iter()
+                .filter(|(_, ok)| !ok)
+                .map(|(id, _)| id)
+                .collect()
+        };
+        for id in failed {
+            if let Some(user) = self.remove(id) {
+                tracing::info!(session = %self.live.id, %user, "client dropped: it stopped taking output");
+            }
+        }
+    }
+
+    async fn notice(&mut self, id: u64, text: &str) {
+        let deadline = self.timeouts.heartbeat_timeout;
+        if let Some(m) = self.members.iter_mut().find(|m| m.id == id) {
+            let _ = send_batch(&mut m.tx, vec![notice_message(text)], deadline).await;
+        }
+    }
+
+    async fn notice_all(&mut self, text: &str) {
+        self.broadcast(vec![notice_message(text)]).await;
+    }
+
+    /// Sends the final status and closes every client.
+    async fn finish(&mut self, status: Status) {
+        let status = Bytes::from(status.to_message());
+        let close = self.timeouts.close;
+        let finishes = self.members.iter_mut().map(|m| {
+            m.reader.abort();
+            let status = status.clone();
+            async move {
+                let work = async {
+                    m.tx.send(Message::Binary(status)).await?;
+                    m.tx.send(Message::Close(Some(CloseFrame {
+                        code: CloseCode::Normal,
+                        reason: "".into(),
+                    })))
+                    .await?;
+                    m.tx.close().await
+                };
+                let _ = tokio::time::timeout(close, work).await;
+            }
+        });
+        futures_util::future::join_all(finishes).await;
+    }
+}
+
+async fn send_batch(
+    tx: &mut SplitSink<ServerWs, Message>,
+    batch: Vec<Message>,
+    deadline: Duration,
+) -> bool {
+    let work = async {
+        for m in batch {
+            tx.feed(m).await?;
+        }
+        tx.flush().await
     };
-    let _ = tokio::time::timeout(close_timeout, finish).await;
+    matches!(tokio::time::timeout(deadline, work).await, Ok(Ok(())))
+}
+
+/// A line from gatekey itself, on the stderr channel.
+fn notice_message(text: &str) -> Message {
+    let mut b = Vec::with_capacity(text.len() + 12);
+    b.push(channel::STDERR);
+    b.extend_from_slice(b"gatekey: ");
+    b.extend_from_slice(text.as_bytes());
+    b.push(b'\n');
+    Message::Binary(Bytes::from(b))
 }
 
 /// Client → agent: stdin (waiting for credit, so a fast client is slowed by
 /// TCP backpressure rather than buffered), resize, and stdin EOF (once).
-async fn client_input(mut rx: SplitStream<ServerWs>, handle: StreamHandle, v5: bool) -> InputEnd {
+/// Observers have no `handle`: their input is refused.
+async fn read_client(
+    id: u64,
+    mut rx: SplitStream<ServerWs>,
+    handle: Option<StreamHandle>,
+    live: Arc<Live>,
+    v5: bool,
+    events: mpsc::UnboundedSender<FromReader>,
+    silence: Duration,
+) {
+    let gone = |why| {
+        let _ = events.send(FromReader::Gone { id, why });
+    };
     let mut stdin_closed = false;
+    let mut told_read_only = false;
     let mut ahead: Option<Message> = None;
     loop {
         let msg = match ahead.take() {
             Some(m) => m,
-            None => match rx.next().await {
-                Some(Ok(m)) => m,
-                _ => return InputEnd::ClientGone,
+            None => match tokio::time::timeout(silence, rx.next()).await {
+                Err(_) => return gone("the client stopped answering"),
+                Ok(Some(Ok(m))) => m,
+                Ok(_) => return gone("the client disconnected"),
             },
         };
         let data = match msg {
             Message::Binary(d) => d,
-            Message::Close(_) => return InputEnd::ClientGone,
+            Message::Close(_) => return gone("the client disconnected"),
             _ => continue,
         };
         let Some(&ch) = data.first() else { continue };
+        let Some(handle) = &handle else {
+            if ch == channel::STDIN && !told_read_only {
+                told_read_only = true;
+                let _ = events.send(FromReader::Notice {
+                    id,
+                    text: "this is a read-only view (observe): input is ignored".into(),
+                });
+            }
+            continue;
+        };
         let sent = match ch {
             channel::STDIN if !stdin_closed && data.len() > 1 => {
+                live.bytes_in
+                    .fetch_add(data.len() as u64 - 1, Ordering::Relaxed);
+                live.touch();
                 // While waiting for credit, read one message ahead so that a
                 // client that closes (Ctrl-C) is noticed even though the
                 // remote process is not reading its stdin.
@@ -138,19 +422,20 @@ async fn client_input(mut rx: SplitStream<ServerWs>, handle: StreamHandle, v5: b
                     tokio::select! {
                         r = &mut send => break r,
                         m = rx.next(), if ahead.is_none() => match m {
-                            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return InputEnd::ClientGone,
+                            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return gone("the client disconnected"),
                             Some(Ok(m)) => ahead = Some(m),
                         },
                     }
                 }
             }
             channel::RESIZE => match serde_json::from_slice::<TerminalSize>(&data[1..]) {
-                Ok(size) => {
+                Ok(size) if size.width > 0 && size.height > 0 => {
+                    *live.size.lock().expect("size lock") = Some((size.width, size.height));
                     handle
                         .send_resize(size.width as u32, size.height as u32)
                         .await
                 }
-                Err(_) => Ok(()),
+                _ => Ok(()),
             },
             channel::CLOSE if v5 && data.get(1) == Some(&channel::STDIN) && !stdin_closed => {
                 stdin_closed = true;
@@ -159,7 +444,8 @@ async fn client_input(mut rx: SplitStream<ServerWs>, handle: StreamHandle, v5: b
             _ => Ok::<(), LinkClosed>(()),
         };
         if sent.is_err() {
-            return InputEnd::StreamEnded;
+            // The stream ended on the agent's side; its final event is on the way.
+            return;
         }
     }
 }
@@ -179,4 +465,8 @@ fn final_event(event: Event) -> Option<Status> {
         Event::Rejected(r) => Some(Status::failure(channel::REASON_INTERNAL, r.message)),
         Event::Data(_) | Event::Eof(_) | Event::Accepted(_) | Event::Resize(_) => None,
     }
+}
+
+fn human(d: Duration) -> String {
+    gatekey_proto::duration::format(d)
 }

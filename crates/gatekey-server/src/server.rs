@@ -57,6 +57,7 @@ impl Server {
             config,
             store,
             registry: Registry::default(),
+            sessions: Default::default(),
         });
         Ok(Server {
             state,

@@ -22,6 +22,7 @@ pub struct Sizes {
     pub cli_runs: usize,
     pub throughput_bytes: u64,
     pub idle_agents: usize,
+    pub echo_runs: usize,
 }
 
 impl Sizes {
@@ -30,21 +31,23 @@ impl Sizes {
         cli_runs: 200,
         throughput_bytes: 2 << 30,
         idle_agents: 1000,
+        echo_runs: 2000,
     };
     pub const SMOKE: Sizes = Sizes {
         latency_runs: 20,
         cli_runs: 5,
         throughput_bytes: 64 << 20,
         idle_agents: 50,
+        echo_runs: 50,
     };
 }
 
 /// One line of the result table.
-struct Row {
-    scenario: &'static str,
-    metric: String,
-    value: String,
-    target: &'static str,
+pub(crate) struct Row {
+    pub scenario: &'static str,
+    pub metric: String,
+    pub value: String,
+    pub target: &'static str,
 }
 
 pub fn main() -> i32 {
@@ -53,15 +56,19 @@ pub fn main() -> i32 {
     let (sizes, scenarios): (Sizes, Vec<&str>) = match what {
         "all" => (
             Sizes::FULL,
-            vec!["exec-latency", "throughput", "idle-agents"],
+            vec!["exec-latency", "console-echo", "throughput", "idle-agents"],
         ),
         "smoke" => (
             Sizes::SMOKE,
-            vec!["exec-latency", "throughput", "idle-agents"],
+            vec!["exec-latency", "console-echo", "throughput", "idle-agents"],
         ),
-        s @ ("exec-latency" | "throughput" | "idle-agents") => (Sizes::FULL, vec![s]),
+        s @ ("exec-latency" | "console-echo" | "throughput" | "idle-agents") => {
+            (Sizes::FULL, vec![s])
+        }
         _ => {
-            eprintln!("usage: gatekey-bench [all|smoke|exec-latency|throughput|idle-agents]");
+            eprintln!(
+                "usage: gatekey-bench [all|smoke|exec-latency|console-echo|throughput|idle-agents]"
+            );
             return 2;
         }
     };
@@ -77,6 +84,9 @@ pub fn main() -> i32 {
         eprintln!("== {s}");
         let r = match s {
             "exec-latency" => exec_latency(&bins, &rt, sizes),
+            "console-echo" => {
+                crate::bench_echo::console_echo(&bins, &rt, sizes.echo_runs, what == "smoke")
+            }
             "throughput" => throughput(&bins, sizes),
             "idle-agents" => idle_agents(&bins, &rt, sizes),
             _ => unreachable!(),
@@ -146,7 +156,7 @@ fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn latency_rows(
+pub(crate) fn latency_rows(
     scenario: &'static str,
     what: &str,
     v: Vec<Duration>,

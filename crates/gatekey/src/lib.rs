@@ -2,5 +2,6 @@
 //! agent processes on loopback, for the integration tests and the benchmarks.
 
 pub mod bench;
+mod bench_echo;
 pub mod sim;
 pub mod testkit;

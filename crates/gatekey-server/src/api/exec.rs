@@ -17,8 +17,11 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::error::{ApiError, ApiResult};
 use crate::auth::authenticate;
+use crate::live::{Kind, NewSession, Role};
+use crate::relay::{self, Participant};
+use crate::server::RemoteAddr;
 use crate::state::AppState;
-use crate::{relay, session, ws};
+use crate::{session, ws};
 
 /// `GET /ws/v1/agents/{ref}/exec?metadata=…`
 pub async fn stream(
@@ -36,23 +39,58 @@ async fn stream_inner(state: AppState, reference: String, mut req: Request) -> A
     let caller = authenticate(&state, req.headers()).await?;
     let exec = exec_from_query(req.uri().query().unwrap_or(""))?;
     let up = ws::prepare(&mut req, &channel::PROTOCOLS)?;
+    let addr = req.extensions().get::<RemoteAddr>().map(|a| a.0);
     let target = session::resolve(&state, &reference).await?;
+    let command = Some(exec_display(&exec));
     let (stream, accept) = session::open_exec(&state, &target, exec, &caller.user.name).await?;
     tracing::info!(agent = %target.node.name, user = %caller.user.name, pid = accept.pid, stream = stream.id(), "exec session opened");
+    let (registration, commands) = state
+        .sessions
+        .register(NewSession {
+            kind: Kind::Exec,
+            agent: target.node.name.clone(),
+            agent_id: target.node.id.clone(),
+            command,
+            size: None,
+        })
+        .map_err(|_| ApiError::internal("exec sessions are never exclusive"))?;
     let v5 = up.protocol == Some(channel::V5);
     let response = up.response();
-    let close_timeout = state.config.request_timeout;
+    let timeouts = state.session_timeouts(false);
+    let user = caller.user.name.clone();
     tokio::spawn(async move {
-        let config = WebSocketConfig::default()
-            .read_buffer_size(64 * 1024)
-            .max_message_size(Some(limits::MAX_CLIENT_MESSAGE))
-            .max_frame_size(Some(limits::MAX_CLIENT_MESSAGE));
-        match up.into_ws(config).await {
-            Ok(ws) => relay::relay(ws, stream, v5, close_timeout).await,
+        match up.into_ws(client_ws_config()).await {
+            Ok(ws) => {
+                let first = Participant {
+                    user,
+                    role: Role::Interactive,
+                    addr,
+                    ws,
+                    v5,
+                };
+                relay::run(registration, stream, first, commands, timeouts).await
+            }
             Err(e) => tracing::warn!(error = %e, "exec WebSocket upgrade failed"),
         }
     });
     Ok(response)
+}
+
+/// WebSocket settings for admin clients.
+pub fn client_ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .max_message_size(Some(limits::MAX_CLIENT_MESSAGE))
+        .max_frame_size(Some(limits::MAX_CLIENT_MESSAGE))
+}
+
+/// The command line of an exec, for `session active`.
+pub fn exec_display(exec: &Exec) -> String {
+    if exec.argv.is_empty() {
+        exec.shell_command.clone()
+    } else {
+        exec.argv.join(" ")
+    }
 }
 
 /// Reads the command from `metadata` (JSON) or repeated `command=` parameters.

@@ -2,6 +2,7 @@
 //! See docs/api.md.
 
 pub mod agents;
+pub mod console;
 pub mod error;
 pub mod exec;
 pub mod nodes;
@@ -23,6 +24,13 @@ pub fn router(state: AppState) -> Router {
             axum::routing::post(exec::oneshot),
         )
         .route("/ws/v1/agents/{reference}/exec", get(exec::stream))
+        .route("/ws/v1/agents/{reference}/console", get(console::console))
+        .route("/ws/v1/devices/{reference}/console", get(console::console))
+        .route("/api/v1/sessions", get(console::list))
+        .route(
+            "/api/v1/sessions/{id}",
+            axum::routing::delete(console::kill),
+        )
         .route("/ws/agent", get(agent_link::upgrade))
         .nest("/api/v1/gateways", nodes::routes(NodeType::Gateway))
         .nest("/api/v1/mesh/hubs", nodes::routes(NodeType::Hub))

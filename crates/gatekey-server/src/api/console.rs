@@ -1,0 +1,316 @@
+//! Interactive consoles: `GET /ws/v1/agents/{ref}/console` (and the
+//! `/ws/v1/devices/{ref}/console` path flightctl's clients use), and the
+//! live-session API: `GET /api/v1/sessions`, `DELETE /api/v1/sessions/{id}`.
+//!
+//! An agent has at most one console. A second client is refused (409) unless
+//! it asks to join (`mode=share`), watch (`mode=observe`) or take over
+//! (`force=true`). Exec sessions are never blocked by consoles.
+
+use axum::Json;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use gatekey_proto::channel::{self, Metadata, TerminalSize};
+use gatekey_proto::limits;
+use gatekey_proto::link::Exec;
+
+use super::error::{ApiError, ApiResult};
+use super::exec::{client_ws_config, exec_display};
+use crate::auth::authenticate;
+use crate::live::{Kind, Live, NewSession, Role};
+use crate::relay::{self, Command, Participant};
+use crate::server::RemoteAddr;
+use crate::state::AppState;
+use crate::{session, ws};
+
+/// How the client wants to share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Exclusive,
+    Share,
+    Observe,
+}
+
+struct ConsoleRequest {
+    exec: Exec,
+    mode: Mode,
+    force: bool,
+    size: Option<(u16, u16)>,
+}
+
+/// `GET /ws/v1/agents/{ref}/console`
+pub async fn console(
+    State(state): State<AppState>,
+    Path(reference): Path<String>,
+    req: Request,
+) -> Response {
+    match console_inner(state, reference, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn console_inner(
+    state: AppState,
+    reference: String,
+    mut req: Request,
+) -> ApiResult<Response> {
+    let caller = authenticate(&state, req.headers()).await?;
+    let wanted = parse_query(req.uri().query().unwrap_or(""))?;
+    let up = ws::prepare(&mut req, &channel::PROTOCOLS)?;
+    let addr = req.extensions().get::<RemoteAddr>().map(|a| a.0);
+    let target = session::resolve(&state, &reference).await?;
+    let user = caller.user.name.clone();
+    let v5 = up.protocol == Some(channel::V5);
+    let agent = target.node.name.clone();
+
+    // Join, refuse or take over an open console.
+    if let Some(open) = state.sessions.console_of(&target.node.id) {
+        match (wanted.mode, wanted.force) {
+            (Mode::Share | Mode::Observe, _) => {
+                let role = if wanted.mode == Mode::Observe {
+                    Role::Observe
+                } else {
+                    Role::Interactive
+                };
+                let response = up.response();
+                tokio::spawn(async move {
+                    match up.into_ws(client_ws_config()).await {
+                        Ok(ws) => {
+                            let p = Participant {
+                                user,
+                                role,
+                                addr,
+                                ws,
+                                v5,
+                            };
+                            if !open.command(Command::Join(Box::new(p))) {
+                                tracing::debug!(session = %open.id, "console ended while a client joined");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "console WebSocket upgrade failed"),
+                    }
+                });
+                return Ok(response);
+            }
+            (Mode::Exclusive, true) => take_over(&state, &open, &user).await?,
+            (Mode::Exclusive, false) => return Err(busy(&agent, &open)),
+        }
+    } else if wanted.mode == Mode::Observe {
+        return Err(ApiError::not_found(format!(
+            "no console is open on {agent} to observe"
+        )));
+    }
+
+    let (registration, commands) = state
+        .sessions
+        .register(NewSession {
+            kind: Kind::Console,
+            agent: agent.clone(),
+            agent_id: target.node.id.clone(),
+            command: (!wanted.exec.argv.is_empty()).then(|| exec_display(&wanted.exec)),
+            size: wanted.size,
+        })
+        // Another client opened one between our check and now.
+        .map_err(|open| busy(&agent, &open))?;
+    let (stream, accept) = session::open_exec(&state, &target, wanted.exec, &user).await?;
+    tracing::info!(%agent, %user, pid = accept.pid, session = %registration.live.id, "console opened");
+    let response = up.response();
+    let timeouts = state.session_timeouts(true);
+    tokio::spawn(async move {
+        match up.into_ws(client_ws_config()).await {
+            Ok(ws) => {
+                let first = Participant {
+                    user,
+                    role: Role::Interactive,
+                    addr,
+                    ws,
+                    v5,
+                };
+                relay::run(registration, stream, first, commands, timeouts).await
+            }
+            Err(e) => tracing::warn!(error = %e, "console WebSocket upgrade failed"),
+        }
+    });
+    Ok(response)
+}
+
+/// Ends `open`, telling its participants who took over, and waits for it to go.
+async fn take_over(state: &AppState, open: &Live, user: &str) -> ApiResult<()> {
+    tracing::info!(session = %open.id, agent = %open.agent, %user, "console taken over");
+    open.command(Command::End {
+        reason: channel::REASON_TAKEN_OVER,
+        message: format!("{user} took over this console"),
+    });
+    let wait = state.config.request_timeout;
+    tokio::time::timeout(wait, open.wait_ended())
+        .await
+        .map_err(|_| {
+            ApiError::agent_timeout(format!(
+                "the console on {} did not end within {}s",
+                open.agent,
+                wait.as_secs()
+            ))
+        })
+}
+
+fn busy(agent: &str, open: &Live) -> ApiError {
+    ApiError::conflict(format!(
+        "a console on {agent} is already open by {} since {}: join it with --share, watch it with --observe, or take it over with --force",
+        open.holders(),
+        super::format_time(open.started_at_ms)
+            .replace('T', " ")
+            .replace('Z', " UTC")
+    ))
+}
+
+fn parse_query(query: &str) -> ApiResult<ConsoleRequest> {
+    let mut metadata: Option<Metadata> = None;
+    let mut mode = Mode::Exclusive;
+    let mut force = false;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "metadata" => {
+                if v.len() > limits::MAX_METADATA {
+                    return Err(ApiError::invalid("metadata is too long"));
+                }
+                metadata = Some(
+                    serde_json::from_str(&v)
+                        .map_err(|e| ApiError::invalid(format!("invalid metadata JSON: {e}")))?,
+                );
+            }
+            "mode" => {
+                mode = match &*v {
+                    "" | "exclusive" => Mode::Exclusive,
+                    "share" | "shared" => Mode::Share,
+                    "observe" => Mode::Observe,
+                    other => {
+                        return Err(ApiError::invalid(format!(
+                            "mode must be share or observe, not {other:?}"
+                        )));
+                    }
+                }
+            }
+            "force" => force = v == "true" || v == "1",
+            _ => {}
+        }
+    }
+    if force && mode != Mode::Exclusive {
+        return Err(ApiError::invalid(
+            "force takes the console over; it cannot be combined with mode=share or mode=observe",
+        ));
+    }
+    // A console is a terminal unless the client says otherwise.
+    let m = metadata.unwrap_or(Metadata {
+        tty: true,
+        ..Default::default()
+    });
+    let size = m
+        .initial_dimensions
+        .filter(|d| d.width > 0 && d.height > 0)
+        .map(|TerminalSize { width, height }| (width, height));
+    let mut exec = match m.command.filter(|c| !c.command.is_empty()) {
+        Some(c) => {
+            let mut argv = vec![c.command];
+            argv.extend(c.args);
+            session::argv_exec(argv, m.timeout_seconds, true)?
+        }
+        None => match m.shell {
+            Some(cmd) => session::shell_exec(&cmd, m.timeout_seconds, true)?,
+            // The node's shell.
+            None => Exec {
+                stdin: true,
+                ..Default::default()
+            },
+        },
+    };
+    if m.tty {
+        exec.tty = true;
+        exec.term = m
+            .term
+            .filter(|t| !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_graphic()))
+            .unwrap_or_else(|| "xterm-256color".into());
+        if let Some((w, h)) = size {
+            exec.cols = w as u32;
+            exec.rows = h as u32;
+        }
+    }
+    Ok(ConsoleRequest {
+        exec,
+        mode,
+        force,
+        size,
+    })
+}
+
+/// `GET /api/v1/sessions`
+pub async fn list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<serde_json::Value>> {
+    authenticate(&state, &headers).await?;
+    let sessions: Vec<_> = state.sessions.list().iter().map(|l| l.snapshot()).collect();
+    Ok(Json(serde_json::json!({ "sessions": sessions })))
+}
+
+/// `DELETE /api/v1/sessions/{id}`
+pub async fn kill(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let caller = authenticate(&state, &headers).await?;
+    let live = state.sessions.get(&id).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no live session {id:?}: see `gatekey-admin session active`"
+        ))
+    })?;
+    tracing::info!(session = %live.id, agent = %live.agent, user = %caller.user.name, "session killed");
+    live.command(Command::End {
+        reason: channel::REASON_KILLED,
+        message: format!("session killed by {}", caller.user.name),
+    });
+    let _ = tokio::time::timeout(state.config.request_timeout, live.wait_ended()).await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc(s: &str) -> String {
+        form_urlencoded::byte_serialize(s.as_bytes()).collect()
+    }
+
+    #[test]
+    fn defaults_to_a_tty_shell() {
+        let r = parse_query("").unwrap();
+        assert!(r.exec.tty && r.exec.argv.is_empty() && r.exec.shell_command.is_empty());
+        assert_eq!(r.exec.term, "xterm-256color");
+        assert_eq!(r.mode, Mode::Exclusive);
+    }
+
+    #[test]
+    fn flightctl_metadata() {
+        let q = format!(
+            "metadata={}&mode=observe",
+            enc(
+                r#"{"tty":true,"term":"xterm","command":{"command":"top","args":["-b"]},"initialDimensions":{"Width":120,"Height":40}}"#
+            )
+        );
+        let r = parse_query(&q).unwrap();
+        assert_eq!(r.exec.argv, vec!["top", "-b"]);
+        assert_eq!((r.exec.cols, r.exec.rows), (120, 40));
+        assert_eq!(r.exec.term, "xterm");
+        assert_eq!(r.mode, Mode::Observe);
+        let r = parse_query(&format!("metadata={}", enc(r#"{"tty":false}"#))).unwrap();
+        assert!(!r.exec.tty);
+    }
+
+    #[test]
+    fn bad_queries_are_refused() {
+        assert!(parse_query("mode=steal").is_err());
+        assert!(parse_query("mode=share&force=true").is_err());
+        assert!(parse_query("metadata=%7B").is_err());
+    }
+}

@@ -1,0 +1,416 @@
+//! Interactive consoles end to end: a real control plane, a real agent with
+//! real PTYs, and WebSocket clients speaking v5.channel.k8s.io: echo, resize,
+//! exit status, exclusivity (409), share, observe, force, kill, the open and
+//! idle timeouts, vanished agents and clients, and bounded memory under a
+//! slow reader.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use gatekey::testkit::{Cluster, processes_with, wait_until};
+use gatekey_proto::channel::{self, Status};
+use gatekey_proto::transport::{self, Endpoint, TransportError, WsStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use common::{bins, marker};
+
+/// A console client: everything received, and the final status.
+struct Console {
+    ws: WsStream,
+    output: Vec<u8>,
+    notices: String,
+    status: Option<Status>,
+}
+
+fn query(metadata: &str, extra: &str) -> String {
+    let m: String = form_urlencoded::byte_serialize(metadata.as_bytes()).collect();
+    format!("metadata={m}{extra}")
+}
+
+async fn open(c: &Cluster, agent: &str, q: &str) -> Result<Console, TransportError> {
+    open_as(c, &c.admin_key, agent, q).await
+}
+
+async fn open_as(c: &Cluster, key: &str, agent: &str, q: &str) -> Result<Console, TransportError> {
+    let endpoint = Endpoint::parse(&c.url).unwrap();
+    let tls = transport::client_config(Some(&c.ca_cert)).unwrap();
+    let (ws, _) = transport::connect_ws(
+        &endpoint,
+        &format!("/ws/v1/agents/{agent}/console?{q}"),
+        &[("authorization", format!("Bearer {key}"))],
+        &[channel::V5],
+        tls,
+        WebSocketConfig::default(),
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok(Console {
+        ws,
+        output: Vec::new(),
+        notices: String::new(),
+        status: None,
+    })
+}
+
+async fn tty(c: &Cluster, agent: &str, extra: &str) -> Result<Console, TransportError> {
+    open(
+        c,
+        agent,
+        &query(
+            r#"{"tty":true,"initialDimensions":{"Width":80,"Height":24}}"#,
+            extra,
+        ),
+    )
+    .await
+}
+
+impl Console {
+    async fn send(&mut self, text: &str) {
+        let mut b = vec![channel::STDIN];
+        b.extend_from_slice(text.as_bytes());
+        self.ws.send(Message::Binary(Bytes::from(b))).await.unwrap();
+    }
+
+    async fn resize(&mut self, w: u16, h: u16) {
+        let mut b = vec![channel::RESIZE];
+        b.extend_from_slice(format!(r#"{{"Width":{w},"Height":{h}}}"#).as_bytes());
+        self.ws.send(Message::Binary(Bytes::from(b))).await.unwrap();
+    }
+
+    /// Reads one message; false when the connection ended.
+    async fn read_one(&mut self) -> bool {
+        match self.ws.next().await {
+            Some(Ok(Message::Binary(d))) if !d.is_empty() => {
+                match d[0] {
+                    channel::STDOUT => self.output.extend_from_slice(&d[1..]),
+                    channel::STDERR => self.notices.push_str(&String::from_utf8_lossy(&d[1..])),
+                    channel::STATUS => self.status = serde_json::from_slice(&d[1..]).ok(),
+                    _ => {}
+                }
+                true
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => false,
+            Some(Ok(_)) => true,
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.output).into_owned()
+    }
+
+    /// Reads until `f` holds on the output and notices, or panics after 15 s.
+    async fn until(&mut self, what: &str, f: impl Fn(&str, &str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !f(&self.text(), &self.notices) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.read_one()).await {
+                Ok(true) => {}
+                Ok(false) => panic!(
+                    "connection ended waiting for {what}; output {:?}, notices {:?}, status {:?}",
+                    self.text(),
+                    self.notices,
+                    self.status
+                ),
+                Err(_) => panic!(
+                    "timed out waiting for {what}; output {:?}, notices {:?}",
+                    self.text(),
+                    self.notices
+                ),
+            }
+        }
+    }
+
+    async fn output_contains(&mut self, s: &str) {
+        self.until(s, |o, _| o.contains(s)).await
+    }
+
+    /// Reads to the end; returns the final status.
+    async fn finish(&mut self, within: Duration) -> Status {
+        tokio::time::timeout(within, async { while self.read_one().await {} })
+            .await
+            .unwrap_or_else(|_| panic!("session did not end; output {:?}", self.text()));
+        self.status.clone().expect("a status before the close")
+    }
+}
+
+fn http_status(e: TransportError) -> (u16, String) {
+    match e {
+        TransportError::Http { status, body } => (status, body),
+        other => panic!("expected an HTTP refusal, got {other}"),
+    }
+}
+
+fn server_config(c_dir: &str, yaml: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!(
+        "gatekey-console-{c_dir}-{}.yaml",
+        std::process::id()
+    ));
+    std::fs::write(&p, yaml).unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_echo_resize_and_exit_code() {
+    let c = Cluster::start(&bins());
+    let (_, _agent) = c.agent("mesh hub", "hub-1", true);
+    let mut con = tty(&c, "hub-1", "").await.unwrap();
+    con.send("echo $((6*7))\r").await;
+    con.output_contains("42").await;
+    con.send("stty size\r").await;
+    con.output_contains("24 80").await;
+    con.resize(100, 30).await;
+    con.send("stty size\r").await;
+    con.output_contains("30 100").await;
+    // Ctrl-C interrupts a foreground command; the shell survives.
+    con.send("sleep 100\r").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    con.send("\x03").await;
+    con.send("echo after-$((1+1))\r").await;
+    con.output_contains("after-2").await;
+    con.send("exit 7\r").await;
+    let status = con.finish(Duration::from_secs(15)).await;
+    assert_eq!(status.exit_code(), Some(7), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_console_is_refused_then_shared_observed_taken_over_and_killed() {
+    let c = Cluster::start(&bins());
+    let (_, _agent) = c.agent("mesh hub", "hub-1", true);
+    let mark = marker();
+    let mut a = tty(&c, "hub-1", "").await.unwrap();
+    a.send("echo ready-$((1+1))\r").await;
+    a.output_contains("ready-2").await;
+
+    // Exclusive by default: 409 naming who holds it.
+    let (status, body) = http_status(tty(&c, "hub-1", "").await.err().expect("refused"));
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("admin") && body.contains("--share"), "{body}");
+
+    // exec is never blocked by a console.
+    let out = c.admin_ok(&["session", "exec", "hub-1", "echo exec-ok"]);
+    assert!(out.contains("exec-ok"));
+
+    // Share: both see the output and may type.
+    let mut b = tty(&c, "hub-1", "&mode=share").await.unwrap();
+    b.until("join notice", |_, n| n.contains("joined the console"))
+        .await;
+    a.until("b joined", |_, n| n.contains("joined")).await;
+    b.send("echo from-b-$((2+3))\r").await;
+    a.output_contains("from-b-5").await;
+    b.output_contains("from-b-5").await;
+
+    // Observe: sees output, input refused.
+    let mut o = tty(&c, "hub-1", "&mode=observe").await.unwrap();
+    o.send("echo from-observer-$((3+4))\r").await;
+    o.until("read-only notice", |_, n| n.contains("read-only"))
+        .await;
+    a.send("echo from-a-$((4+5))\r").await;
+    o.output_contains("from-a-9").await;
+    assert!(!a.text().contains("from-observer-7"));
+
+    // The live-session API shows one console with three participants.
+    let list = c.admin_ok(&["session", "active", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let consoles: Vec<_> = v["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["kind"] == "console")
+        .collect();
+    assert_eq!(consoles.len(), 1, "{list}");
+    assert_eq!(consoles[0]["participants"].as_array().unwrap().len(), 3);
+    assert_eq!(consoles[0]["mode"], "shared");
+
+    // Force: everybody is told who took over; the new console works.
+    a.send(&format!("sleep 1000 # {mark}\r")).await;
+    wait_until(Duration::from_secs(10), "marker process", || {
+        !processes_with(&mark).is_empty()
+    });
+    let mut d = tty(&c, "hub-1", "&force=true").await.unwrap();
+    for con in [&mut a, &mut b, &mut o] {
+        let s = con.finish(Duration::from_secs(15)).await;
+        assert_eq!(s.reason, channel::REASON_TAKEN_OVER, "{s:?}");
+        assert!(s.message.contains("admin took over"), "{s:?}");
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the old shell's processes gone",
+        || processes_with(&mark).is_empty(),
+    );
+    d.send("echo new-$((5+5))\r").await;
+    d.output_contains("new-10").await;
+
+    // Kill from the API: the participant is told who ended it.
+    let v: serde_json::Value =
+        serde_json::from_str(&c.admin_ok(&["session", "active", "-o", "json"])).unwrap();
+    let id = v["sessions"][0]["id"].as_str().unwrap().to_string();
+    c.admin_ok(&["session", "kill", &id]);
+    let s = d.finish(Duration::from_secs(15)).await;
+    assert_eq!(s.reason, channel::REASON_KILLED, "{s:?}");
+    assert!(s.message.contains("killed by admin"), "{s:?}");
+    let v: serde_json::Value =
+        serde_json::from_str(&c.admin_ok(&["session", "active", "-o", "json"])).unwrap();
+    assert!(v["sessions"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_timeout_idle_timeout_and_unknown_agent() {
+    let cfg = server_config(
+        "timeouts",
+        "session_open_timeout: 2s\nconsole_idle_timeout: 2s\n",
+    );
+    let c = Cluster::start_with(&bins(), &["--config", cfg.to_str().unwrap()]);
+    let (_, agent) = c.agent("mesh hub", "hub-1", true);
+
+    let (status, body) = http_status(tty(&c, "nope", "").await.err().expect("refused"));
+    assert_eq!(status, 404, "{body}");
+
+    // Idle: no input and no output ends the console.
+    let mut con = tty(&c, "hub-1", "").await.unwrap();
+    let s = con.finish(Duration::from_secs(20)).await;
+    assert_eq!(s.reason, channel::REASON_IDLE_TIMEOUT, "{s:?}");
+
+    // An agent that does not answer: 504 within the open timeout.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let r = tty(&c, "hub-1", "").await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    let (status, body) = http_status(r.err().expect("refused"));
+    assert_eq!(status, 504, "{body}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    // The abandoned console is cleaned up: a new one opens.
+    let mut con = tty(&c, "hub-1", "").await.unwrap();
+    con.send("echo back-$((1+2))\r").await;
+    con.output_contains("back-3").await;
+    let _ = std::fs::remove_file(cfg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_agent_and_vanished_client_end_the_session() {
+    let cfg = server_config("vanish", "heartbeat_interval: 1s\nheartbeat_timeout: 3s\n");
+    let c = Cluster::start_with(&bins(), &["--config", cfg.to_str().unwrap()]);
+    let (_, mut agent) = c.agent("mesh hub", "hub-1", true);
+
+    // A client that vanishes without closing (its process stops answering):
+    // the session is reaped and the shell is gone.
+    let mark = marker();
+    let mut con = tty(&c, "hub-1", "").await.unwrap();
+    con.send(&format!("sleep 1000 # {mark}\r")).await;
+    wait_until(Duration::from_secs(10), "marker process", || {
+        !processes_with(&mark).is_empty()
+    });
+    // Keep the socket open but never read or answer pings again.
+    let frozen = con;
+    wait_until(Duration::from_secs(20), "the shell reaped", || {
+        processes_with(&mark).is_empty()
+    });
+    drop(frozen);
+
+    // The agent dies: the client gets a clear status at once.
+    let mut con = tty(&c, "hub-1", "").await.unwrap();
+    con.send("echo up-$((2+2))\r").await;
+    con.output_contains("up-4").await;
+    agent.stop();
+    let s = con.finish(Duration::from_secs(15)).await;
+    assert_eq!(s.reason, channel::REASON_SESSION_LOST, "{s:?}");
+    let _ = std::fs::remove_file(cfg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reader_holds_memory_bounded_and_other_sessions_stay_responsive() {
+    let c = Cluster::start(&bins());
+    let (_, agent) = c.agent("mesh hub", "hub-1", true);
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap()
+    };
+    let server = c.server_pid().unwrap();
+    let mut con = tty(&c, "hub-1", "").await.unwrap();
+    con.send("yes\r").await;
+    // Read a few KiB per second for a while.
+    let (s0, a0) = (rss(server), rss(agent.pid()));
+    let mut got = 0usize;
+    for _ in 0..20 {
+        if let Ok(Some(Ok(Message::Binary(d)))) =
+            tokio::time::timeout(Duration::from_millis(250), con.ws.next()).await
+        {
+            got += d.len();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(got > 0);
+    // Another session on the same agent answers promptly.
+    let t = Instant::now();
+    let out = c.admin_ok(&["session", "exec", "hub-1", "echo still-responsive"]);
+    assert!(out.contains("still-responsive"));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let (s1, a1) = (rss(server), rss(agent.pid()));
+    // Bounded by the stream window and the client's socket buffers, not by
+    // how much `yes` produced.
+    assert!(
+        s1.saturating_sub(s0) < 32 * 1024,
+        "server grew {} KiB",
+        s1 - s0
+    );
+    assert!(
+        a1.saturating_sub(a0) < 32 * 1024,
+        "agent grew {} KiB",
+        a1 - a0
+    );
+    con.send("\x03").await;
+}
+
+#[test]
+fn an_independent_python_client_speaks_the_console_protocol() {
+    let python = std::path::Path::new("/usr/bin/python3");
+    let has_websockets = std::process::Command::new(python)
+        .args(["-c", "import websockets"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !has_websockets {
+        eprintln!(
+            "SKIP: /usr/bin/python3 with websockets is missing (scripts/setup.sh installs it)"
+        );
+        return;
+    }
+    let c = Cluster::start(&bins());
+    let (_, _agent) = c.agent("device", "edge-1", true);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/console_client.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(&c.url)
+        .arg(&c.ca_cert)
+        .arg(&c.admin_key)
+        .arg("edge-1")
+        .output()
+        .expect("run the Python client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python client failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("ok ")).count(),
+        4,
+        "{text}"
+    );
+}
