@@ -163,6 +163,81 @@ pub struct ExecResponse {
     pub stderr_truncated: bool,
 }
 
+/// A live exec or console session (`GET /api/v1/sessions`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LiveSession {
+    /// `s_…`; what `session kill` takes.
+    pub id: String,
+    /// The agent's name.
+    #[serde(default)]
+    pub agent: String,
+    #[serde(default)]
+    pub agent_id: String,
+    /// `console` or `exec`.
+    #[serde(default)]
+    pub kind: String,
+    /// `exclusive` or `shared` (more than one participant).
+    #[serde(default)]
+    pub mode: String,
+    #[serde(default)]
+    pub users: Vec<String>,
+    #[serde(default)]
+    pub participants: Vec<Participant>,
+    /// RFC 3339.
+    #[serde(default)]
+    pub started_at: Option<String>,
+    /// Client input, in bytes.
+    #[serde(default)]
+    pub bytes_in: u64,
+    /// Output, in bytes (counted once, however many watch).
+    #[serde(default)]
+    pub bytes_out: u64,
+    /// The command line of an exec session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl LiveSession {
+    /// The users in the session: `users`, else the participants' names.
+    pub fn user_names(&self) -> Vec<&str> {
+        if !self.users.is_empty() {
+            return self.users.iter().map(String::as_str).collect();
+        }
+        let mut names: Vec<&str> = Vec::new();
+        for p in &self.participants {
+            if !names.contains(&p.user.as_str()) {
+                names.push(&p.user);
+            }
+        }
+        names
+    }
+}
+
+/// One client attached to a live session.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Participant {
+    pub user: String,
+    /// `interactive` or `observe`.
+    #[serde(default)]
+    pub mode: String,
+    #[serde(default)]
+    pub remote_addr: Option<String>,
+    /// RFC 3339.
+    #[serde(default)]
+    pub joined_at: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// `{"sessions": [...]}`, the answer of `GET /api/v1/sessions`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Sessions {
+    #[serde(default)]
+    pub sessions: Vec<LiveSession>,
+}
+
 /// `GET /api/v1/version`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServerVersion {
@@ -196,6 +271,28 @@ mod tests {
         assert_eq!(agent.session_enabled_agent, None);
         let back = serde_json::to_value(&agent).unwrap();
         assert_eq!(back, serde_json::from_str::<Value>(raw).unwrap());
+    }
+
+    #[test]
+    fn live_sessions_round_trip() {
+        let raw = r#"{"id":"s_3f9c","agent":"hub-1","agent_id":"a1b2c3d4","kind":"console","mode":"shared",
+            "users":["admin","bob"],
+            "participants":[{"user":"admin","mode":"interactive","remote_addr":"10.0.0.5:51234","joined_at":"2026-11-22T21:40:00Z"},
+                            {"user":"bob","mode":"observe","remote_addr":"10.0.0.7:40100","joined_at":"2026-11-22T21:41:02Z","new":1}],
+            "started_at":"2026-11-22T21:40:00Z","bytes_in":120,"bytes_out":48213,"tty":true}"#;
+        let s: LiveSession = serde_json::from_str(raw).unwrap();
+        assert_eq!(s.participants[1].mode, "observe");
+        assert_eq!(s.user_names(), ["admin", "bob"]);
+        let back = serde_json::to_value(&s).unwrap();
+        assert_eq!(back, serde_json::from_str::<Value>(raw).unwrap());
+
+        // A minimal record, users from the participants.
+        let s: LiveSession = serde_json::from_str(
+            r#"{"id":"s_1","kind":"exec","command":"ls","participants":[{"user":"a"},{"user":"a"},{"user":"b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(s.user_names(), ["a", "b"]);
+        assert_eq!(s.command.as_deref(), Some("ls"));
     }
 
     #[test]

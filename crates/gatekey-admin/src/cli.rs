@@ -16,6 +16,7 @@ use crate::config::{FileConfig, Overrides, Settings};
 use crate::error::ClientError;
 use crate::exit;
 use crate::output::OutputFormat;
+use crate::stream::ConsoleMode;
 
 const GLOBAL: &str = "Global options";
 
@@ -81,6 +82,56 @@ pub enum SessionCommand {
     },
     /// Run a command on an agent, streaming its output
     Exec(ExecArgs),
+    /// Open an interactive shell on an agent (or run `-- CMD…` in a terminal
+    /// there); leave with `exit`, or `~.` after a newline
+    Connect(ConnectArgs),
+    /// List live exec and console sessions
+    Active,
+    /// End a live session for everyone in it
+    Kill {
+        /// Session id (see `gatekey-admin session active`)
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// Join the agent's open console: everybody sees the same output and may type
+    #[arg(long, conflicts_with_all = ["observe", "force"])]
+    pub share: bool,
+    /// Watch the agent's open console without typing into it
+    #[arg(long, conflicts_with = "force")]
+    pub observe: bool,
+    /// Take over the agent's open console: its users are disconnected and told who took over
+    #[arg(long)]
+    pub force: bool,
+    /// No terminal on the node even when stdin and stdout are one: stdin is
+    /// forwarded until end-of-file, stdout and stderr stay apart, no `~` escapes
+    #[arg(short = 'T', long)]
+    pub notty: bool,
+    /// Agent name or id
+    #[arg(value_name = "AGENT")]
+    pub agent: String,
+    /// Program and arguments to run instead of the node's shell, after `--`
+    #[arg(
+        value_name = "CMD",
+        last = true,
+        conflicts_with_all = ["share", "observe"]
+    )]
+    pub command: Vec<String>,
+}
+
+impl ConnectArgs {
+    pub fn mode(&self) -> ConsoleMode {
+        if self.share {
+            ConsoleMode::Share
+        } else if self.observe {
+            ConsoleMode::Observe
+        } else {
+            ConsoleMode::Exclusive
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -224,6 +275,9 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Logout => cmd::login::logout(&ctx),
         Command::Session(SessionCommand::List { all }) => cmd::session::list(&ctx, all).await,
         Command::Session(SessionCommand::Exec(args)) => cmd::session::exec(&ctx, args).await,
+        Command::Session(SessionCommand::Connect(args)) => cmd::session::connect(&ctx, args).await,
+        Command::Session(SessionCommand::Active) => cmd::session::active(&ctx).await,
+        Command::Session(SessionCommand::Kill { id }) => cmd::session::kill(&ctx, &id).await,
         Command::Gateway(c) => cmd::node::run(&ctx, NodeType::Gateway, c).await,
         Command::Mesh(MeshCommand::Hub(c)) => cmd::node::run(&ctx, NodeType::Hub, c).await,
         Command::Mesh(MeshCommand::Spoke(c)) => cmd::node::run(&ctx, NodeType::Spoke, c).await,
@@ -390,6 +444,97 @@ mod tests {
         assert_eq!(a.command, ["ls", "-la"]);
         assert!(parse(&["session", "exec", "hub-1"]).is_err());
         assert!(parse(&["session", "exec", "--timeout", "5x", "hub-1", "ls"]).is_err());
+    }
+
+    fn connect_args(args: &[&str]) -> ConnectArgs {
+        match parse(args).unwrap().command {
+            Command::Session(SessionCommand::Connect(a)) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn connect_flags_and_command() {
+        let a = connect_args(&["session", "connect", "hub-1"]);
+        assert_eq!(a.agent, "hub-1");
+        assert!(a.command.is_empty());
+        assert_eq!(a.mode(), ConsoleMode::Exclusive);
+        assert!(!a.force && !a.notty);
+
+        let a = connect_args(&["session", "connect", "hub-1", "--share"]);
+        assert_eq!(a.mode(), ConsoleMode::Share);
+        let a = connect_args(&["session", "connect", "--observe", "hub-1"]);
+        assert_eq!(a.mode(), ConsoleMode::Observe);
+        let a = connect_args(&["session", "connect", "hub-1", "--force", "--notty"]);
+        assert!(a.force && a.notty);
+        assert_eq!(a.mode(), ConsoleMode::Exclusive);
+        assert!(connect_args(&["session", "connect", "-T", "hub-1"]).notty);
+
+        // The command comes after `--`, its options stay with it.
+        let a = connect_args(&[
+            "session", "connect", "hub-1", "--force", "--", "top", "-d", "1", "--share",
+        ]);
+        assert_eq!(a.command, ["top", "-d", "1", "--share"]);
+        assert!(a.force && !a.share);
+        let a = connect_args(&["-o", "json", "session", "connect", "hub-1", "--", "ls"]);
+        assert_eq!(a.command, ["ls"]);
+    }
+
+    #[test]
+    fn connect_usage_errors() {
+        for bad in [
+            &["session", "connect"][..],
+            &["session", "connect", "hub-1", "--share", "--observe"],
+            &["session", "connect", "hub-1", "--share", "--force"],
+            &["session", "connect", "hub-1", "--observe", "--force"],
+            // A command needs `--`, and joining an open console runs none.
+            &["session", "connect", "hub-1", "top"],
+            &["session", "connect", "hub-1", "--share", "--", "top"],
+            &["session", "connect", "hub-1", "--observe", "--", "top"],
+            &["session", "connect", "hub-1", "--bogus"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.use_stderr(), "{bad:?} should be a usage error");
+        }
+    }
+
+    #[test]
+    fn active_and_kill() {
+        let cli = parse(&["session", "active", "-o", "json"]).unwrap();
+        assert_eq!(cli.output, OutputFormat::Json);
+        assert!(matches!(
+            cli.command,
+            Command::Session(SessionCommand::Active)
+        ));
+        match parse(&["session", "kill", "s_3f9c01"]).unwrap().command {
+            Command::Session(SessionCommand::Kill { id }) => assert_eq!(id, "s_3f9c01"),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["session", "kill"]).is_err());
+        assert!(parse(&["session", "kill", "a", "b"]).is_err());
+        assert!(parse(&["session", "active", "extra"]).is_err());
+    }
+
+    #[test]
+    fn session_help_lists_the_new_commands() {
+        let e = parse(&["session", "--help"]).unwrap_err();
+        assert!(!e.use_stderr());
+        let text = e.to_string();
+        for command in ["connect", "active", "kill", "exec", "list"] {
+            assert!(text.contains(command), "{command} missing:\n{text}");
+        }
+        let text = parse(&["session", "connect", "--help"])
+            .unwrap_err()
+            .to_string();
+        for flag in [
+            "--share",
+            "--observe",
+            "--force",
+            "--notty",
+            "[-- <CMD>...]",
+        ] {
+            assert!(text.contains(flag), "{flag} missing:\n{text}");
+        }
     }
 
     #[test]

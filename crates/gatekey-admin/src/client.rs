@@ -18,7 +18,9 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use crate::api::{Agent, ExecRequest, ExecResponse, Node, NodeType, ServerVersion};
+pub use crate::api::{
+    Agent, ExecRequest, ExecResponse, LiveSession, Node, NodeType, Participant, ServerVersion,
+};
 pub use crate::error::{ApiError, ClientError};
 
 /// Result of every client call.
@@ -232,14 +234,30 @@ impl Client {
     /// `DELETE {type path}/{ref}`: the agent is disconnected, its token revoked.
     pub async fn delete_node(&self, kind: NodeType, node: &str) -> Result<()> {
         check_ref(kind.as_str(), node)?;
+        self.delete(&format!("{}/{node}", kind.path())).await
+    }
+
+    /// `GET /api/v1/sessions`: live exec and console sessions.
+    pub async fn list_sessions(&self) -> Result<Vec<LiveSession>> {
+        let list: crate::api::Sessions = self
+            .call(Method::GET, "/api/v1/sessions", None::<&()>, true)
+            .await?;
+        Ok(list.sessions)
+    }
+
+    /// `DELETE /api/v1/sessions/{id}`: ends the session for every
+    /// participant (status reason `SessionKilled`, "session killed by USER").
+    pub async fn kill_session(&self, id: &str) -> Result<()> {
+        names::validate("session id", id).map_err(ClientError::InvalidArgument)?;
+        self.delete(&format!("/api/v1/sessions/{id}")).await
+    }
+
+    // ---- plumbing ----
+
+    /// A DELETE whose success answer has no body to read (204).
+    async fn delete(&self, path: &str) -> Result<()> {
         let (status, body) = self
-            .request(
-                Method::DELETE,
-                &format!("{}/{node}", kind.path()),
-                None,
-                true,
-                self.timeout,
-            )
+            .request(Method::DELETE, path, None, true, self.timeout)
             .await?;
         if status.is_success() {
             Ok(())
@@ -250,8 +268,6 @@ impl Client {
             )))
         }
     }
-
-    // ---- plumbing ----
 
     pub(crate) fn require_key(&self) -> Result<&str> {
         self.api_key.as_deref().ok_or(ClientError::MissingApiKey)

@@ -3,11 +3,12 @@
 //!
 //! | code | meaning |
 //! |---|---|
-//! | 0 | success (for `session exec`: the remote command's own exit code) |
+//! | 0 | success (for `session exec` and `session connect`: the remote command's or shell's own exit code; `~.` also exits 0) |
 //! | 1 | any other error (agent could not start the process, internal server error, local I/O) |
 //! | 2 | usage error (unknown flag, missing argument) |
-//! | 124 | the remote command timed out (`--timeout`, default 60s on the agent) |
-//! | 130 | interrupted by SIGINT (Ctrl-C); the remote process group is killed |
+//! | 124 | the remote command timed out (`--timeout`, default 60s on the agent), or the control plane closed an idle console or one that reached the maximum session duration |
+//! | 129 | terminated by SIGHUP (the terminal went away); the session is closed |
+//! | 130 | interrupted by SIGINT (Ctrl-C; in a `session connect` terminal Ctrl-C is a key for the remote side instead); the remote process group is killed |
 //! | 141 | local stdout closed (broken pipe); the remote process group is killed |
 //! | 143 | terminated by SIGTERM; the remote process group is killed |
 //! | 240 | control plane unreachable (connection refused, DNS, timeout) |
@@ -22,8 +23,9 @@
 //! | 249 | the agent did not answer in time |
 //! | 250 | session lost (connection dropped before the exit status arrived) |
 //! | 251 | invalid argument (rejected by the CLI or the server) |
+//! | 252 | session ended by someone else: killed by an administrator (`session kill`) or the console taken over (`session connect --force`); the message says who |
 //!
-//! For `session exec`, a remote exit code that collides with one of these
+//! For `session exec` and `session connect`, a remote exit code that collides with one of these
 //! (e.g. a remote `exit 244`) is passed through unchanged, as ssh does; the
 //! one-line message on stderr tells the cases apart.
 
@@ -31,6 +33,7 @@ pub const OK: i32 = 0;
 pub const FAILURE: i32 = 1;
 pub const USAGE: i32 = 2;
 pub const REMOTE_TIMEOUT: i32 = 124;
+pub const HANGUP: i32 = 129;
 pub const INTERRUPTED: i32 = 130;
 pub const BROKEN_PIPE: i32 = 141;
 pub const TERMINATED: i32 = 143;
@@ -46,3 +49,4 @@ pub const CONFLICT: i32 = 248;
 pub const AGENT_TIMEOUT: i32 = 249;
 pub const SESSION_LOST: i32 = 250;
 pub const INVALID_ARGUMENT: i32 = 251;
+pub const SESSION_ENDED: i32 = 252;

@@ -3,7 +3,10 @@
 //!
 //! - [`client`]: [`Client`](client::Client), typed calls to the admin API
 //!   over one kept-alive HTTPS connection.
-//! - [`stream`]: streaming exec over the admin stream protocol.
+//! - [`stream`]: streaming exec and console sessions over the admin stream
+//!   protocol.
+//! - [`terminal`]: the local terminal of `session connect` (raw mode that is
+//!   always undone, window size, `~` escapes).
 //! - [`error`], [`exit`]: one error type, one exit code per kind of failure.
 //! - [`config`]: flags > environment > `~/.config/gatekey/admin.yaml`.
 //! - [`output`]: tables, JSON and YAML.
@@ -19,9 +22,10 @@ pub mod exit;
 pub mod output;
 pub mod stdio;
 pub mod stream;
+pub mod terminal;
 
 pub use client::{Client, ClientConfig, ClientError};
-pub use stream::{ExecOptions, ExecSession};
+pub use stream::{ConsoleMode, ConsoleOptions, ExecOptions, ExecSession, StreamSession};
 
 /// Runs the CLI with the process's arguments; returns the exit code.
 pub fn main() -> i32 {

@@ -6,7 +6,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 
-use crate::api::{Agent, Node};
+use crate::api::{Agent, LiveSession, Node};
 use crate::error::ClientError;
 
 /// `-o/--output`.
@@ -153,6 +153,65 @@ pub fn nodes_table(nodes: &[Node]) -> String {
     table.render()
 }
 
+/// The table of `session active`.
+pub fn sessions_table(sessions: &[LiveSession]) -> String {
+    let mut table = Table::new(&[
+        ("ID", 0),
+        ("AGENT", 0),
+        ("KIND", 0),
+        ("USERS", 0),
+        ("MODE", 0),
+        ("STARTED", 19),
+        ("IN", 0),
+        ("OUT", 0),
+    ]);
+    let or_dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    for s in sessions {
+        let agent = if s.agent.is_empty() {
+            &s.agent_id
+        } else {
+            &s.agent
+        };
+        table.push(vec![
+            s.id.clone(),
+            or_dash(agent),
+            or_dash(&s.kind),
+            or_dash(&s.user_names().join(",")),
+            or_dash(&s.mode),
+            format_time(s.started_at.as_deref()),
+            human_bytes(s.bytes_in),
+            human_bytes(s.bytes_out),
+        ]);
+    }
+    table.render()
+}
+
+/// A byte count for people: `512 B`, `1.5 KiB`, `47 KiB`, `3.2 MiB`; one
+/// decimal below 10 of a unit, whole numbers above.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1023.95 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value < 9.95 {
+        format!("{value:.1} {}", UNITS[unit])
+    } else {
+        format!("{value:.0} {}", UNITS[unit])
+    }
+}
+
 /// Pretty JSON with a final newline.
 pub fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String, ClientError> {
     let mut text =
@@ -289,6 +348,44 @@ a1b2c3d4    hub-1             on       yes       2024-01-15 10:30:45
 e5f6a7b8    hub-2             off      no        never
 ";
         assert_eq!(nodes_table(&nodes), expected);
+    }
+
+    #[test]
+    fn human_byte_counts() {
+        for (n, want) in [
+            (0, "0 B"),
+            (1023, "1023 B"),
+            (1024, "1.0 KiB"),
+            (1536, "1.5 KiB"),
+            (10 * 1024 - 1, "10 KiB"),
+            (48213, "47 KiB"),
+            (1024 * 1024 - 1, "1.0 MiB"),
+            (3 * 1024 * 1024 + 200 * 1024, "3.2 MiB"),
+            (5 << 30, "5.0 GiB"),
+            (u64::MAX, "16 EiB"),
+        ] {
+            assert_eq!(human_bytes(n), want, "{n}");
+        }
+    }
+
+    #[test]
+    fn sessions_table_layout() {
+        let sessions: Vec<LiveSession> = serde_json::from_value(serde_json::json!([
+            {"id": "s_3f9c01", "agent": "hub-1", "agent_id": "a1b2c3d4", "kind": "console",
+             "mode": "shared", "users": ["admin", "bob"], "started_at": "2026-11-22T21:40:00Z",
+             "bytes_in": 120, "bytes_out": 48213},
+            {"id": "s_77", "agent": "", "agent_id": "e5f6a7b8", "kind": "exec", "mode": "exclusive",
+             "participants": [{"user": "ci", "mode": "interactive"}], "command": "ip addr",
+             "bytes_in": 0, "bytes_out": 2_000_000},
+        ]))
+        .unwrap();
+        let expected = "\
+ID       AGENT    KIND    USERS     MODE      STARTED             IN    OUT
+-------- -------- ------- --------- --------- ------------------- ----- -------
+s_3f9c01 hub-1    console admin,bob shared    2026-11-22 21:40:00 120 B 47 KiB
+s_77     e5f6a7b8 exec    ci        exclusive -                   0 B   1.9 MiB
+";
+        assert_eq!(sessions_table(&sessions), expected);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 use std::io::{self, BufRead, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use nix::errno::Errno;
@@ -60,6 +62,63 @@ impl<F: AsFd + Unpin> AsyncWrite for RawWriter<F> {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+/// A writer that remembers whether what was written so far ends a line,
+/// so a message printed after a terminal session starts on a line of its
+/// own. Writers made with [`LineTracker::alongside`] share the record: for
+/// stdout and stderr on the same terminal, the last write of either counts.
+#[derive(Debug)]
+pub struct LineTracker<W> {
+    inner: W,
+    at_line_start: Arc<AtomicBool>,
+}
+
+impl<W> LineTracker<W> {
+    pub fn new(inner: W) -> Self {
+        LineTracker {
+            inner,
+            at_line_start: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Another writer whose output counts towards the same record.
+    pub fn alongside<V>(&self, inner: V) -> LineTracker<V> {
+        LineTracker {
+            inner,
+            at_line_start: self.at_line_start.clone(),
+        }
+    }
+
+    /// True before any output and after output ending with "\n".
+    pub fn at_line_start(&self) -> bool {
+        self.at_line_start.load(Ordering::Relaxed)
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for LineTracker<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = result
+            && n > 0
+        {
+            self.at_line_start
+                .store(buf[n - 1] == b'\n', Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -150,6 +209,27 @@ mod tests {
         let mut got = String::new();
         std::io::Read::read_to_string(&mut { reader }, &mut got).unwrap();
         assert_eq!(got, "no newline");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn line_tracker_follows_line_ends() {
+        let mut w = LineTracker::new(Vec::new());
+        assert!(w.at_line_start());
+        w.write_all(b"$ ").await.unwrap();
+        assert!(!w.at_line_start());
+        w.write_all(b"exit\r\n").await.unwrap();
+        assert!(w.at_line_start());
+        w.write_all(b"").await.unwrap();
+        assert!(w.at_line_start());
+        assert_eq!(w.inner, b"$ exit\r\n");
+
+        // A notice on stderr after a prompt on stdout: the last write counts.
+        let mut out = LineTracker::new(Vec::new());
+        let mut err = out.alongside(Vec::new());
+        out.write_all(b"remote$ ").await.unwrap();
+        assert!(!err.at_line_start());
+        err.write_all(b"\r\ngatekey: bob joined\r\n").await.unwrap();
+        assert!(out.at_line_start());
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -14,15 +14,18 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use gatekey_admin::api::{ExecRequest, NodeType};
 use gatekey_admin::exit;
-use gatekey_admin::stream::{self, ExecOptions};
+use gatekey_admin::stream::{
+    self, ConsoleMode, ConsoleOptions, Ending, ExecOptions, TerminalInput,
+};
 use gatekey_admin::{Client, ClientConfig, ClientError};
-use gatekey_proto::channel::{self, Status};
+use gatekey_proto::channel::{self, MetadataCommand, Status, TerminalSize};
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -243,6 +246,51 @@ async fn handle(req: Request<Incoming>, cancelled: Arc<AtomicUsize>) -> Result<R
             .body(Full::default())
             .unwrap(),
         ("DELETE", ["api", "v1", "mesh", "hubs", r]) => not_found(r),
+        ("GET", ["api", "v1", "sessions"]) => reply(
+            StatusCode::OK,
+            json!({"sessions": [{"id": "s_3f9c01", "agent": "hub-1", "agent_id": "hub-1", "kind": "console",
+                                 "mode": "shared", "users": ["admin", "bob"],
+                                 "participants": [{"user": "admin", "mode": "interactive", "remote_addr": "127.0.0.1:5555", "joined_at": "2026-11-22T21:40:00Z"},
+                                                  {"user": "bob", "mode": "observe", "remote_addr": "127.0.0.1:5556", "joined_at": "2026-11-22T21:41:02Z"}],
+                                 "started_at": "2026-11-22T21:40:00Z", "bytes_in": 120, "bytes_out": 48213}]}),
+        ),
+        ("DELETE", ["api", "v1", "sessions", "s_3f9c01"]) => Response::builder()
+            .status(204)
+            .body(Full::default())
+            .unwrap(),
+        ("DELETE", ["api", "v1", "sessions", id]) => api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no session {id}"),
+        ),
+        ("GET", ["ws", "v1", "agents", r, "console"]) => {
+            if find(r).is_none() {
+                return Ok(not_found(r));
+            }
+            let params: Vec<(String, String)> = query
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), percent_decode(v)))
+                .collect();
+            let param = |name: &str| {
+                params
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            };
+            let mut metadata: Value = serde_json::from_str(&param("metadata").unwrap()).unwrap();
+            if metadata["command"]["command"] == "busy" && param("force").is_none() {
+                return Ok(api_error(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    "the console of hub-1 is in use by alice since 2026-11-22T21:40:00Z",
+                ));
+            }
+            metadata["console"] = json!(true);
+            metadata["mode"] = json!(param("mode"));
+            metadata["force"] = json!(param("force"));
+            upgrade(req, metadata, cancelled)
+        }
         ("GET", ["ws", "v1", "agents", r, "exec"]) => {
             let Some(record) = find(r) else {
                 return Ok(not_found(r));
@@ -329,6 +377,9 @@ async fn session<S>(mut ws: WebSocketStream<S>, metadata: Value, cancelled: Arc<
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    if metadata["console"] == true {
+        return console(ws, metadata, cancelled).await;
+    }
     let shell = metadata["shell"].as_str().unwrap().to_string();
     let words: Vec<&str> = shell.split(' ').collect();
     match words.as_slice() {
@@ -410,6 +461,116 @@ where
             ))
             .await
             .unwrap();
+        }
+    }
+    let _ = ws.close(None).await;
+    while let Some(Ok(_)) = ws.next().await {}
+}
+
+/// The fake agent's console: a "PTY" that echoes input (as a terminal in
+/// cooked mode would), reports resizes, and exits 7 on `exit` + Enter.
+async fn console<S>(mut ws: WebSocketStream<S>, metadata: Value, cancelled: Arc<AtomicUsize>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let program = metadata["command"]["command"].as_str().unwrap_or("");
+    if metadata["mode"] == "observe" {
+        // An observer must send nothing: not input, not end-of-file.
+        ws.send(data(channel::STDOUT, b"observing\n"))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_millis(300), async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(b))) => return Some(b[0]),
+                    Some(Ok(_)) => continue,
+                    _ => return None,
+                }
+            }
+        })
+        .await;
+        let status = match got {
+            Ok(Some(ch)) => Status::failure(
+                channel::REASON_INTERNAL,
+                format!("observer sent channel {ch}"),
+            ),
+            _ => Status::success(),
+        };
+        ws.send(Message::Binary(status.to_message().into()))
+            .await
+            .unwrap();
+    } else if program == "killme" {
+        ws.send(data(channel::STDOUT, b"$ ")).await.unwrap();
+        ws.send(Message::Binary(
+            Status::failure(channel::REASON_KILLED, "session killed by alice")
+                .to_message()
+                .into(),
+        ))
+        .await
+        .unwrap();
+    } else if metadata["tty"] == false {
+        // `cat` on pipes: echo until end-of-file, a line on stderr.
+        ws.send(data(channel::STDERR, b"pipes\n")).await.unwrap();
+        while let Some(Ok(msg)) = ws.next().await {
+            let Message::Binary(b) = msg else { continue };
+            match b[0] {
+                channel::STDIN => ws.send(data(channel::STDOUT, &b[1..])).await.unwrap(),
+                channel::CLOSE if b.get(1) == Some(&channel::STDIN) => break,
+                _ => {}
+            }
+        }
+        ws.send(Message::Binary(Status::success().to_message().into()))
+            .await
+            .unwrap();
+    } else {
+        let mut shown = metadata.clone();
+        shown.as_object_mut().unwrap().remove("console");
+        ws.send(data(
+            channel::STDOUT,
+            format!("meta={shown}\r\n$ ").as_bytes(),
+        ))
+        .await
+        .unwrap();
+        ws.send(data(channel::STDERR, b"gatekey: bob joined (observe)\n"))
+            .await
+            .unwrap();
+        let mut typed = Vec::new();
+        loop {
+            let Some(Ok(msg)) = ws.next().await else {
+                return;
+            };
+            let b = match msg {
+                Message::Binary(b) => b,
+                Message::Close(_) => {
+                    cancelled.fetch_add(1, Ordering::SeqCst);
+                    let _ = ws.close(None).await;
+                    return;
+                }
+                _ => continue,
+            };
+            match b[0] {
+                channel::STDIN => {
+                    typed.extend_from_slice(&b[1..]);
+                    ws.send(data(channel::STDOUT, &b[1..])).await.unwrap();
+                    if typed.ends_with(b"exit\r") {
+                        ws.send(data(channel::STDOUT, b"\r\n")).await.unwrap();
+                        ws.send(Message::Binary(Status::exit(7, None).to_message().into()))
+                            .await
+                            .unwrap();
+                        break;
+                    }
+                }
+                channel::RESIZE => {
+                    let size: channel::TerminalSize = serde_json::from_slice(&b[1..]).unwrap();
+                    ws.send(data(
+                        channel::STDOUT,
+                        format!("[{}x{}]", size.width, size.height).as_bytes(),
+                    ))
+                    .await
+                    .unwrap();
+                }
+                other => panic!("unexpected channel {other} from a tty client"),
+            }
         }
     }
     let _ = ws.close(None).await;
@@ -762,4 +923,362 @@ async fn refused_sessions_say_how_to_enable_them() {
         .await
         .unwrap_err();
     assert_eq!(e.exit_code(), exit::NOT_FOUND, "{e}");
+}
+
+fn tty_options() -> ConsoleOptions {
+    ConsoleOptions {
+        tty: true,
+        term: Some("xterm-256color".into()),
+        command: None,
+        size: Some(TerminalSize {
+            width: 100,
+            height: 30,
+        }),
+        mode: ConsoleMode::Exclusive,
+        force: false,
+    }
+}
+
+/// Reads `reader` until `needle` shows up; returns everything read.
+async fn read_until(reader: &mut (impl AsyncReadExt + Unpin), seen: &mut Vec<u8>, needle: &[u8]) {
+    let found = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        while !seen.windows(needle.len()).any(|w| w == needle) {
+            let n = reader.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "output ended before {:?}",
+                String::from_utf8_lossy(needle)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(
+        found.is_ok(),
+        "{:?} never came; got {:?}",
+        String::from_utf8_lossy(needle),
+        String::from_utf8_lossy(seen)
+    );
+}
+
+#[tokio::test]
+async fn console_in_a_terminal() {
+    let fake = Fake::start(true).await;
+    let client = fake.client();
+    let session = client.console("hub-1", tty_options()).await.unwrap();
+    assert_eq!(session.protocol(), Some(channel::V5));
+
+    let (mut keys, keys_in) = tokio::io::duplex(1024);
+    let (out_w, mut out_r) = tokio::io::duplex(1 << 16);
+    let (help_w, mut help_r) = tokio::io::duplex(1 << 16);
+    let (sizes, resizes) = tokio::sync::watch::channel(TerminalSize {
+        width: 100,
+        height: 30,
+    });
+    let mut notices = Vec::new();
+    let input = TerminalInput {
+        keys: keys_in,
+        resizes: Some(resizes),
+        escapes: true,
+        help: help_w,
+        restore_terminal: false,
+    };
+    let run = session.run_terminal(input, out_w, &mut notices, std::future::pending::<()>());
+    let drive = async {
+        let mut seen = Vec::new();
+        read_until(&mut out_r, &mut seen, b"$ ").await;
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        let meta: Value = serde_json::from_str(
+            text.strip_prefix("meta=")
+                .unwrap()
+                .split("\r\n")
+                .next()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(meta["tty"], true);
+        assert_eq!(meta["term"], "xterm-256color");
+        assert_eq!(
+            meta["initialDimensions"],
+            json!({"Width": 100, "Height": 30})
+        );
+        assert_eq!(meta["mode"], Value::Null);
+
+        // Mid-line tildes are text; at a line start ~~ sends one, ~? helps.
+        keys.write_all(b"echo a~.b\r").await.unwrap();
+        read_until(&mut out_r, &mut seen, b"echo a~.b\r").await;
+        keys.write_all(b"~~x~?").await.unwrap();
+        read_until(&mut out_r, &mut seen, b"~x~?").await;
+        keys.write_all(b"\r~?").await.unwrap();
+        let mut help = Vec::new();
+        read_until(&mut help_r, &mut help, b"newline.)\r\n").await;
+        assert!(help.starts_with(b"~?\r\nSupported escape sequences:\r\n"));
+
+        // Window size changes become resize messages.
+        sizes
+            .send(TerminalSize {
+                width: 120,
+                height: 40,
+            })
+            .unwrap();
+        read_until(&mut out_r, &mut seen, b"[120x40]").await;
+
+        // Control keys go through as bytes.
+        keys.write_all(b"\x03\x1a\x04").await.unwrap();
+        read_until(&mut out_r, &mut seen, b"\x03\x1a\x04").await;
+
+        keys.write_all(b"\rexit\r").await.unwrap();
+        read_until(&mut out_r, &mut seen, b"exit\r\r\n").await;
+        (keys, out_r)
+    };
+    let (ending, _) = tokio::join!(run, drive);
+    let Ending::Status(status) = ending.unwrap() else {
+        panic!("expected the remote status");
+    };
+    assert_eq!(stream::exit_code(&status), 7);
+    assert_eq!(stream::failure_message(&status), None);
+    // The notice came while the cursor was after the prompt: own line, CRLF.
+    assert_eq!(
+        String::from_utf8(notices).unwrap(),
+        "\r\ngatekey: bob joined (observe)\r\n"
+    );
+}
+
+#[tokio::test]
+async fn tilde_dot_disconnects() {
+    let fake = Fake::start(true).await;
+    let client = fake.client();
+    let session = client.console("hub-1", tty_options()).await.unwrap();
+    let input = TerminalInput {
+        // Everything after ~. is never sent.
+        keys: &b"ls\r~.exit\r"[..],
+        resizes: None,
+        escapes: true,
+        help: tokio::io::sink(),
+        restore_terminal: false,
+    };
+    let mut out = Vec::new();
+    let ending = session
+        .run_terminal(
+            input,
+            &mut out,
+            tokio::io::sink(),
+            std::future::pending::<()>(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ending, Ending::Disconnected);
+    let text = String::from_utf8_lossy(&out);
+    assert!(!text.contains("exit"), "{text}");
+    for _ in 0..100 {
+        if fake.cancelled.load(Ordering::SeqCst) == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the server never saw the close");
+}
+
+#[tokio::test]
+async fn killed_console_is_252_with_the_message() {
+    let fake = Fake::start(true).await;
+    let client = fake.client();
+    let options = ConsoleOptions {
+        command: Some(MetadataCommand {
+            command: "killme".into(),
+            args: vec![],
+        }),
+        ..tty_options()
+    };
+    let session = client.console("hub-1", options).await.unwrap();
+    // Keys that never come: the server ends it first.
+    let (_keep, keys) = tokio::io::duplex(64);
+    let input = TerminalInput {
+        keys,
+        resizes: None,
+        escapes: true,
+        help: tokio::io::sink(),
+        restore_terminal: false,
+    };
+    let ending = session
+        .run_terminal(
+            input,
+            tokio::io::sink(),
+            tokio::io::sink(),
+            std::future::pending::<()>(),
+        )
+        .await
+        .unwrap();
+    let Ending::Status(status) = ending else {
+        panic!("expected the remote status");
+    };
+    assert_eq!(stream::exit_code(&status), exit::SESSION_ENDED);
+    assert_eq!(
+        stream::failure_message(&status).as_deref(),
+        Some("session killed by alice")
+    );
+}
+
+#[tokio::test]
+async fn busy_console_is_a_conflict() {
+    let fake = Fake::start(true).await;
+    let client = fake.client();
+    let options = ConsoleOptions {
+        command: Some(MetadataCommand {
+            command: "busy".into(),
+            args: vec![],
+        }),
+        ..tty_options()
+    };
+    let e = client.console("hub-1", options.clone()).await.unwrap_err();
+    assert_eq!(e.exit_code(), exit::CONFLICT, "{e}");
+    assert!(e.to_string().contains("in use by alice since"), "{e}");
+    // --force takes it over.
+    let forced = ConsoleOptions {
+        force: true,
+        ..options
+    };
+    assert!(client.console("hub-1", forced).await.is_ok());
+
+    let e = client.console("missing", tty_options()).await.unwrap_err();
+    assert_eq!(e.exit_code(), exit::NOT_FOUND, "{e}");
+    let e = client.console("../x", tty_options()).await.unwrap_err();
+    assert_eq!(e.exit_code(), exit::INVALID_ARGUMENT, "{e}");
+}
+
+#[tokio::test]
+async fn console_on_pipes() {
+    let fake = Fake::start(true).await;
+    let client = fake.client();
+    let options = ConsoleOptions {
+        tty: false,
+        command: Some(MetadataCommand {
+            command: "cat".into(),
+            args: vec![],
+        }),
+        ..tty_options()
+    };
+    let session = client.console("hub-1", options).await.unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let status = session
+        .run(Some(&b"line 1\nline 2\n"[..]), &mut out, &mut err)
+        .await
+        .unwrap();
+    assert_eq!(stream::exit_code(&status), 0);
+    assert_eq!(out, b"line 1\nline 2\n");
+    // No CRLF translation on pipes.
+    assert_eq!(err, b"pipes\n");
+}
+
+#[tokio::test]
+async fn observers_send_nothing() {
+    let fake = Fake::start(true).await;
+    let client = fake.client();
+    let options = ConsoleOptions {
+        tty: false,
+        mode: ConsoleMode::Observe,
+        ..tty_options()
+    };
+    let session = client.console("hub-1", options).await.unwrap();
+    let mut out = Vec::new();
+    let status = session
+        .run(Some(&b"typed\n"[..]), &mut out, tokio::io::sink())
+        .await
+        .unwrap();
+    assert_eq!(status, Status::success(), "{status:?}");
+    assert_eq!(out, b"observing\n");
+}
+
+#[tokio::test]
+async fn live_sessions_list_and_kill() {
+    let fake = Fake::start(true).await;
+    let client = fake.client();
+    let sessions = client.list_sessions().await.unwrap();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].id, "s_3f9c01");
+    assert_eq!(sessions[0].user_names(), ["admin", "bob"]);
+    assert_eq!(sessions[0].participants[1].mode, "observe");
+    client.kill_session("s_3f9c01").await.unwrap();
+    let e = client.kill_session("s_nope").await.unwrap_err();
+    assert_eq!(e.exit_code(), exit::NOT_FOUND);
+    assert_eq!(e.to_string(), "no session s_nope");
+    let e = client.kill_session("../x").await.unwrap_err();
+    assert_eq!(e.exit_code(), exit::INVALID_ARGUMENT);
+
+    // The same through the command line (flags, as scripts pass them).
+    let server = format!("https://127.0.0.1:{}", fake.addr.port());
+    let ca = fake.ca.display().to_string();
+    let cli = |args: &[&str]| {
+        let mut all = vec![
+            "gatekey-admin",
+            "--server",
+            &server,
+            "--api-key",
+            KEY,
+            "--ca-cert",
+            &ca,
+            "-o",
+            "json",
+        ];
+        all.extend_from_slice(args);
+        all.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        gatekey_admin::cli::run_args(cli(&["session", "kill", "s_3f9c01"])).await,
+        exit::OK
+    );
+    assert_eq!(
+        gatekey_admin::cli::run_args(cli(&["session", "kill", "s_nope"])).await,
+        exit::NOT_FOUND
+    );
+}
+
+/// Prints the keystroke echo round trip through the client and the fake
+/// (loopback TLS, one WebSocket message each way); never asserts a figure.
+#[tokio::test]
+async fn console_echo_latency() {
+    let fake = Fake::start(true).await;
+    let client = fake.client();
+    let session = client.console("hub-1", tty_options()).await.unwrap();
+    let (mut keys, keys_in) = tokio::io::duplex(1024);
+    let (out_w, mut out_r) = tokio::io::duplex(1 << 16);
+    let input = TerminalInput {
+        keys: keys_in,
+        resizes: None,
+        escapes: true,
+        help: tokio::io::sink(),
+        restore_terminal: false,
+    };
+    let run = session.run_terminal(
+        input,
+        out_w,
+        tokio::io::sink(),
+        std::future::pending::<()>(),
+    );
+    let measure = async {
+        let mut seen = Vec::new();
+        read_until(&mut out_r, &mut seen, b"$ ").await;
+        let mut times = Vec::new();
+        let mut buf = [0u8; 64];
+        for i in 0..300 {
+            let key = [b'a' + (i % 26) as u8];
+            let t = std::time::Instant::now();
+            keys.write_all(&key).await.unwrap();
+            let n = out_r.read(&mut buf).await.unwrap();
+            times.push(t.elapsed());
+            assert_eq!(&buf[..n], key);
+        }
+        keys.write_all(b"\rexit\r").await.unwrap();
+        read_until(&mut out_r, &mut seen, b"exit\r\r\n").await;
+        times.sort();
+        eprintln!(
+            "console echo round trip (client + fake): p50 {:?}, p99 {:?}",
+            times[times.len() / 2],
+            times[times.len() * 99 / 100]
+        );
+        (keys, out_r)
+    };
+    let (ending, _) = tokio::join!(run, measure);
+    assert!(matches!(ending.unwrap(), Ending::Status(_)));
 }

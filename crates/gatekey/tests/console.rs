@@ -227,7 +227,7 @@ async fn second_console_is_refused_then_shared_observed_taken_over_and_killed() 
     assert_eq!(consoles[0]["mode"], "shared");
 
     // Force: everybody is told who took over; the new console works.
-    a.send(&format!("sleep 1000 # {mark}\r")).await;
+    a.send(&format!("sh -c 'sleep 1000; true' {mark}\r")).await;
     wait_until(Duration::from_secs(10), "marker process", || {
         !processes_with(&mark).is_empty()
     });
@@ -308,7 +308,7 @@ async fn vanished_agent_and_vanished_client_end_the_session() {
     // the session is reaped and the shell is gone.
     let mark = marker();
     let mut con = tty(&c, "hub-1", "").await.unwrap();
-    con.send(&format!("sleep 1000 # {mark}\r")).await;
+    con.send(&format!("sh -c 'sleep 1000; true' {mark}\r")).await;
     wait_until(Duration::from_secs(10), "marker process", || {
         !processes_with(&mark).is_empty()
     });
