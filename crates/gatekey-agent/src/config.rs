@@ -95,6 +95,9 @@ pub struct Config {
     pub command_timeout: Duration,
     pub max_sessions: u32,
     pub shell: PathBuf,
+    /// The program of an interactive console; `None`: the agent user's login
+    /// shell from the passwd database, else /bin/sh.
+    pub console_shell: Option<PathBuf>,
     pub reconnect_max_backoff: Duration,
     pub connect_timeout: Duration,
     /// Time between SIGTERM and SIGKILL.
@@ -120,6 +123,7 @@ impl fmt::Debug for Config {
             .field("command_timeout", &self.command_timeout)
             .field("max_sessions", &self.max_sessions)
             .field("shell", &self.shell)
+            .field("console_shell", &self.console_shell)
             .field("reconnect_max_backoff", &self.reconnect_max_backoff)
             .field("connect_timeout", &self.connect_timeout)
             .field("kill_grace", &self.kill_grace)
@@ -161,6 +165,7 @@ pub const KEYS: &[&str] = &[
     "command_timeout",
     "max_sessions",
     "shell",
+    "console_shell",
     "reconnect_max_backoff",
     "connect_timeout",
     "kill_grace",
@@ -197,6 +202,8 @@ struct Raw {
     max_sessions: Option<u32>,
     #[serde(default, deserialize_with = "de_opt_string")]
     shell: Option<String>,
+    #[serde(default, deserialize_with = "de_absolute_path")]
+    console_shell: Option<PathBuf>,
     #[serde(default, deserialize_with = "de_positive_duration")]
     reconnect_max_backoff: Option<Duration>,
     #[serde(default, deserialize_with = "de_positive_duration")]
@@ -250,6 +257,7 @@ impl Config {
             command_timeout: Duration::from_secs(60),
             max_sessions: 32,
             shell: PathBuf::from("/bin/sh"),
+            console_shell: None,
             reconnect_max_backoff: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             kill_grace: Duration::from_secs(2),
@@ -337,6 +345,7 @@ impl Config {
         if let Some(s) = raw.shell {
             config.shell = PathBuf::from(s);
         }
+        config.console_shell = raw.console_shell;
         if let Some(d) = raw.reconnect_max_backoff {
             config.reconnect_max_backoff = d;
         }
@@ -628,6 +637,26 @@ fn de_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::E
     })
 }
 
+fn de_absolute_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    check(d, "an absolute path", |v| {
+        let s = v.text("an absolute path such as /bin/bash")?;
+        if s.is_empty() {
+            return Err("must not be empty (remove the key to use the default)".into());
+        }
+        // Run from the user's home directory: a relative path would mean
+        // something else there than it seems to here.
+        if !s.starts_with('/') {
+            return Err(format!(
+                "must be an absolute path such as /bin/bash, found {s:?}"
+            ));
+        }
+        if s.contains('\0') {
+            return Err("must not contain a NUL character".into());
+        }
+        Ok(Some(PathBuf::from(s)))
+    })
+}
+
 fn de_max_sessions<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     check(d, "a number of sessions", |v| match v {
         Scalar::Int(n) if (1..=MAX_SESSIONS_LIMIT as i128).contains(&n) => Ok(Some(n as u32)),
@@ -715,6 +744,7 @@ mod tests {
         assert_eq!(c.command_timeout, Duration::from_secs(60));
         assert_eq!(c.max_sessions, 32);
         assert_eq!(c.shell, PathBuf::from("/bin/sh"));
+        assert_eq!(c.console_shell, None);
         assert_eq!(c.reconnect_max_backoff, Duration::from_secs(60));
         assert_eq!(c.connect_timeout, Duration::from_secs(10));
         assert_eq!(c.kill_grace, Duration::from_secs(2));
@@ -797,12 +827,13 @@ mod tests {
     fn optional_keys() {
         let c = parse(
             "name: n1\ncontrol_plane_url: https://cp.example:8443/\ntoken: dev_a\ncommand_timeout: 0\nmax_sessions: 4\nshell: /bin/bash\n\
-             reconnect_max_backoff: 5m\nconnect_timeout: 3s\nkill_grace: 500ms\nexit_drain_timeout: 1s\nlog_level: info,gatekey_agent=debug\n",
+             console_shell: /bin/zsh\nreconnect_max_backoff: 5m\nconnect_timeout: 3s\nkill_grace: 500ms\nexit_drain_timeout: 1s\nlog_level: info,gatekey_agent=debug\n",
         )
         .unwrap();
         assert_eq!(c.command_timeout, Duration::ZERO);
         assert_eq!(c.max_sessions, 4);
         assert_eq!(c.shell, PathBuf::from("/bin/bash"));
+        assert_eq!(c.console_shell, Some(PathBuf::from("/bin/zsh")));
         assert_eq!(c.reconnect_max_backoff, Duration::from_secs(300));
         assert_eq!(c.connect_timeout, Duration::from_secs(3));
         assert_eq!(c.kill_grace, Duration::from_millis(500));
@@ -893,6 +924,21 @@ mod tests {
                 "name: hub-1\ncontrol_plane_url: https://cp\ntoken: hub_x\nmax_sessions: 0\n",
                 4,
                 "max_sessions: expected a whole number",
+            ),
+            (
+                "name: hub-1\ncontrol_plane_url: https://cp\ntoken: hub_x\nconsole_shell: bash\n",
+                4,
+                "console_shell: must be an absolute path such as /bin/bash, found \"bash\"",
+            ),
+            (
+                "name: hub-1\ncontrol_plane_url: https://cp\ntoken: hub_x\n\nconsole_shell: \"\"\n",
+                5,
+                "console_shell: must not be empty",
+            ),
+            (
+                "name: hub-1\ncontrol_plane_url: https://cp\ntoken: hub_x\nconsole_shell: [/bin/sh]\n",
+                4,
+                "console_shell: expected an absolute path such as /bin/bash, found a list",
             ),
             (
                 "name: hub-1\ncontrol_plane_url: https://cp\ntoken: hub_x\nca_cert: /nonexistent/ca.pem\n",

@@ -1,21 +1,26 @@
-//! Serving exec streams: each stream the control plane opens runs one process
-//! in its own process group, with stdout and stderr forwarded on the stream
-//! and stdin fed from it.
+//! Serving exec streams: each stream the control plane opens runs one
+//! process, with its output forwarded on the stream and its input fed from
+//! it. A command runs on pipes in its own process group; a console
+//! (`Exec.tty`) runs on a pseudo-terminal in its own session ([`crate::pty`]).
 //!
 //! Invariants:
 //! - Bytes are never dropped and never buffered without bound: output is read
-//!   from a pipe only once the previous frame has been given credit, and stdin
-//!   credit is returned only once the bytes are in the child's pipe.
+//!   from a pipe or terminal only once the previous frame has been given
+//!   credit, and stdin credit is returned only once the bytes are in the
+//!   child's pipe or terminal.
 //! - No process outlives its session, on any path (normal exit, timeout,
-//!   cancel, link loss, agent shutdown): the whole process group is killed and
-//!   the child reaped. A guard kills the group even if the session task is
-//!   aborted or panics.
+//!   cancel, link loss, agent shutdown): the whole process group is killed
+//!   (for a console, every process of its terminal session and those that
+//!   left it) and the child reaped. A guard kills them even if the session
+//!   task is aborted or panics.
 
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -24,13 +29,14 @@ use gatekey_proto::mux::{Event, Incoming, Stream, StreamHandle};
 use gatekey_proto::{duration, limits, names};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::process::{Child, Command};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::pty;
 
 /// Runs the sessions of one agent, across links: a process started on a link
 /// that has since gone is still counted until it is dead and reaped.
@@ -130,38 +136,51 @@ impl Executor {
                 ));
             }
         };
-        if exec.tty {
-            return Err((
-                RejectCode::Unsupported,
-                "interactive consoles are not supported by this agent version".into(),
-            ));
-        }
-        Plan::new(exec, &self.config.shell).map_err(|m| (RejectCode::Invalid, m))
+        Plan::new(exec, &self.config).map_err(|m| (RejectCode::Invalid, m))
     }
 }
 
 /// What to run.
 struct Plan {
-    program: String,
-    args: Vec<String>,
+    program: Program,
     /// For logs and messages.
     display: String,
     stdin: bool,
-    timeout_ms: u32,
+    /// Kill the process after this long; zero: never.
+    timeout: Duration,
+    /// Run on a pseudo-terminal (a console) rather than on pipes.
+    tty: Option<Tty>,
 }
 
+enum Program {
+    /// `shell -c CMD`, or an argv: run as given.
+    Given { program: String, args: Vec<String> },
+    /// A console's interactive shell, chosen when it starts (see
+    /// [`console_shell`]).
+    Shell,
+}
+
+/// A console's terminal.
+struct Tty {
+    term: String,
+    size: pty::Size,
+}
+
+/// TERM when the control plane sends none.
+const DEFAULT_TERM: &str = "xterm-256color";
+/// Longest TERM accepted.
+const MAX_TERM: usize = 64;
+
 impl Plan {
-    fn new(exec: &Exec, shell: &Path) -> Result<Plan, String> {
-        match (exec.shell_command.is_empty(), exec.argv.is_empty()) {
+    fn new(exec: &Exec, config: &Config) -> Result<Plan, String> {
+        let (program, display) = match (exec.shell_command.is_empty(), exec.argv.is_empty()) {
             (false, true) => {
                 names::validate_command(&exec.shell_command)?;
-                Ok(Plan {
-                    program: shell.display().to_string(),
+                let program = Program::Given {
+                    program: config.shell.display().to_string(),
                     args: vec!["-c".into(), exec.shell_command.clone()],
-                    display: exec.shell_command.clone(),
-                    stdin: exec.stdin,
-                    timeout_ms: exec.timeout_ms,
-                })
+                };
+                (program, exec.shell_command.clone())
             }
             (true, false) => {
                 let total: usize = exec.argv.iter().map(|a| a.len() + 1).sum();
@@ -177,22 +196,79 @@ impl Plan {
                 if exec.argv.iter().any(|a| a.contains('\0')) {
                     return Err("command contains a NUL byte".into());
                 }
-                Ok(Plan {
+                let program = Program::Given {
                     program: exec.argv[0].clone(),
                     args: exec.argv[1..].to_vec(),
-                    display: exec.argv.join(" "),
-                    stdin: exec.stdin,
-                    timeout_ms: exec.timeout_ms,
-                })
+                };
+                (program, exec.argv.join(" "))
             }
-            (true, true) => Err("no command given: set shell_command or argv".into()),
-            (false, false) => Err("both shell_command and argv are set: set exactly one".into()),
+            // A console without a command is the node's shell.
+            // A console without a command is the node's shell (on pipes
+            // without a terminal: a script fed on stdin).
+            (true, true) if exec.tty => (Program::Shell, "an interactive shell".into()),
+            (true, true) => (Program::Shell, "a shell on pipes".into()),
+            (false, false) => {
+                return Err("both shell_command and argv are set: set exactly one".into());
+            }
+        };
+        let tty = if exec.tty {
+            let term = if exec.term.is_empty() {
+                DEFAULT_TERM.to_string()
+            } else if exec.term.len() <= MAX_TERM && exec.term.bytes().all(|b| b.is_ascii_graphic())
+            {
+                exec.term.clone()
+            } else {
+                return Err(format!(
+                    "term must be 1 to {MAX_TERM} printable ASCII characters, such as {DEFAULT_TERM}"
+                ));
+            };
+            Some(Tty {
+                term,
+                size: pty::Size::initial(exec.cols, exec.rows),
+            })
+        } else {
+            None
+        };
+        let timeout = match (exec.timeout_ms, exec.tty) {
+            // A console lasts as long as its user wants: command_timeout is
+            // for commands (the control plane bounds idle and total time).
+            (0, true) => Duration::ZERO,
+            (0, false) => config.command_timeout,
+            (ms, _) => Duration::from_millis(ms.into()),
+        };
+        Ok(Plan {
+            program,
+            display,
+            stdin: exec.stdin,
+            timeout,
+            tty,
+        })
+    }
+
+    /// Starts the process; `Err` is the message for the control plane.
+    async fn start(&self, config: &Config) -> Result<Started, String> {
+        match (&self.tty, &self.program) {
+            (None, Program::Given { program, args }) => self.start_piped(program, args),
+            (None, Program::Shell) => {
+                let account = tokio::task::spawn_blocking(Account::current)
+                    .await
+                    .unwrap_or_default();
+                let (shell, _) = console_shell(config, account.shell.as_deref());
+                self.start_piped(&shell.to_string_lossy(), &[])
+            }
+            (Some(tty), _) => {
+                // Off the runtime's threads: see `Account::current`.
+                let account = tokio::task::spawn_blocking(Account::current)
+                    .await
+                    .unwrap_or_default();
+                self.start_console(tty, config, &account)
+            }
         }
     }
 
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args)
+    fn start_piped(&self, program: &str, args: &[String]) -> Result<Started, String> {
+        let mut child = Command::new(program)
+            .args(args)
             // Its own process group, so a timeout or cancel reaches every
             // process the command started, not only the shell.
             .process_group(0)
@@ -204,9 +280,188 @@ impl Plan {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Backstop only: the group is killed explicitly on every path.
-            .kill_on_drop(true);
-        cmd
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {program:?}: {e}"))?;
+        // Unreachable in practice: the child has not been waited for yet.
+        let pid = child
+            .id()
+            .ok_or("the process vanished right after starting")?;
+        let procs = Procs::Group(Group {
+            pgid: Pid::from_raw(pid as i32),
+            armed: true,
+        });
+        let mut outputs: Vec<(Box<dyn AsyncRead + Send + Unpin>, u8)> = Vec::new();
+        if let Some(p) = child.stdout.take() {
+            widen_pipe(&p);
+            outputs.push((Box::new(p), link::CH_STDOUT));
+        }
+        if let Some(p) = child.stderr.take() {
+            widen_pipe(&p);
+            outputs.push((Box::new(p), link::CH_STDERR));
+        }
+        let input = child.stdin.take().map(|p| {
+            widen_pipe(&p);
+            Box::new(p) as Box<dyn AsyncWrite + Send + Unpin>
+        });
+        Ok(Started {
+            child,
+            pid,
+            procs,
+            outputs,
+            input,
+            terminal: None,
+            what: format!("{:?}", truncate(&self.display, 200)),
+        })
     }
+
+    fn start_console(
+        &self,
+        tty: &Tty,
+        config: &Config,
+        account: &Account,
+    ) -> Result<Started, String> {
+        let (program, args, arg0, origin) = match &self.program {
+            Program::Given { program, args } => {
+                (PathBuf::from(program), args.clone(), None, String::new())
+            }
+            Program::Shell => {
+                let (shell, origin) = console_shell(config, account.shell.as_deref());
+                // Named by its basename, without the '-' of a login shell:
+                // an interactive shell (it reads ~/.bashrc), not a login.
+                let arg0 = shell.file_name().map(|n| n.to_os_string());
+                (shell, Vec::new(), arg0, format!(" ({origin})"))
+            }
+        };
+        let console_id = new_console_id();
+        let mut cmd = Command::new(&program);
+        cmd.args(&args)
+            .current_dir(account.home.as_deref().unwrap_or(Path::new("/")))
+            .env("TERM", &tty.term)
+            // How its processes are found if they leave its session.
+            .env(pty::CONSOLE_ID_VAR, &console_id)
+            // Backstop only: the session is killed explicitly on every path.
+            .kill_on_drop(true);
+        if let Some(arg0) = arg0 {
+            cmd.arg0(arg0);
+        }
+        let terminal =
+            pty::open(tty.size).map_err(|e| format!("cannot allocate a terminal: {e}"))?;
+        let (child, master) = terminal
+            .spawn(cmd)
+            .map_err(|e| format!("cannot start {:?}{origin}: {e}", program.display()))?;
+        let pid = child
+            .id()
+            .ok_or("the process vanished right after starting")?;
+        // From here on, dropping `procs` kills whatever the console started.
+        let procs = Procs::Console(pty::Guard::new(pty::Members::new(pid, &console_id)));
+        let what = match &self.program {
+            Program::Given { .. } => {
+                format!("a console running {:?}", truncate(&self.display, 200))
+            }
+            Program::Shell => format!("a console with {}{origin}", program.display()),
+        };
+        Ok(Started {
+            child,
+            pid,
+            procs,
+            outputs: vec![(Box::new(master.clone()), link::CH_STDOUT)],
+            input: Some(Box::new(master.clone())),
+            terminal: Some(master),
+            what: format!(
+                "{what}, TERM={} {}x{}",
+                tty.term, tty.size.cols, tty.size.rows
+            ),
+        })
+    }
+}
+
+/// The passwd entry of the user the agent runs as: where a console starts
+/// and, by default, which shell it runs.
+#[derive(Default)]
+struct Account {
+    /// The login shell, if it is a usable one ([`usable_shell`]).
+    shell: Option<PathBuf>,
+    /// The home directory, if it is one.
+    home: Option<PathBuf>,
+}
+
+impl Account {
+    /// Blocking: the passwd lookup may go through NSS, and both paths are
+    /// checked on disk.
+    fn current() -> Account {
+        match nix::unistd::User::from_uid(nix::unistd::getuid()) {
+            Ok(Some(user)) => Account {
+                shell: Some(user.shell).filter(|s| usable_shell(s)),
+                home: Some(user.dir).filter(|d| d.is_dir()),
+            },
+            _ => Account::default(),
+        }
+    }
+}
+
+/// The program of a console that names none, and where it came from:
+/// `console_shell` from the config, else the account's login shell, else
+/// /bin/sh.
+///
+/// Service accounts, which agents run as, usually have /usr/sbin/nologin or
+/// /bin/false as their shell. Those refuse logins, but here the node's own
+/// config has already said yes (session_enabled), so a console gets /bin/sh
+/// rather than ending at once; console_shell picks another.
+fn console_shell(config: &Config, account_shell: Option<&Path>) -> (PathBuf, String) {
+    if let Some(shell) = &config.console_shell {
+        return (
+            shell.clone(),
+            format!("console_shell in {}", config.file_display()),
+        );
+    }
+    match account_shell {
+        Some(shell) => (shell.to_path_buf(), "the agent user's login shell".into()),
+        None => (PathBuf::from("/bin/sh"), "the default shell".into()),
+    }
+}
+
+/// A login shell a console can run: an executable file, and not one that
+/// exists to refuse logins.
+pub(crate) fn usable_shell(shell: &Path) -> bool {
+    let refuses = matches!(
+        shell.file_name().and_then(|n| n.to_str()),
+        Some("nologin" | "false" | "true")
+    );
+    shell.is_absolute()
+        && !refuses
+        && std::fs::metadata(shell)
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Marks a console's processes ([`pty::CONSOLE_ID_VAR`]); unique across the
+/// agent's restarts: its pid, the time, a sequence number.
+fn new_console_id() -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "{}-{:x}-{}",
+        std::process::id(),
+        now.as_nanos(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A started process and its plumbing.
+struct Started {
+    child: Child,
+    pid: u32,
+    procs: Procs,
+    /// Where its output comes from, each with the channel it goes out on.
+    outputs: Vec<(Box<dyn AsyncRead + Send + Unpin>, u8)>,
+    /// Where its input goes; `None` (stdin is /dev/null): input is discarded.
+    input: Option<Box<dyn AsyncWrite + Send + Unpin>>,
+    /// A console's terminal, for resizes.
+    terminal: Option<pty::Master>,
+    /// What runs, for the log.
+    what: String,
 }
 
 /// Kills a process group when dropped, unless disarmed: no path out of a
@@ -235,6 +490,50 @@ impl Group {
 impl Drop for Group {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Everything a session started, to be ended with it.
+enum Procs {
+    /// A command: its process group.
+    Group(Group),
+    /// A console: its terminal session, and the processes that left it.
+    Console(pty::Guard),
+}
+
+impl Procs {
+    /// Asks them to stop: `signals` to a command's group; a console gets a
+    /// hangup instead, which is what its programs expect. Returns the
+    /// console's processes, which get the rest of the grace period too.
+    async fn ask_to_stop(&self, signals: &[Signal]) -> Vec<i32> {
+        match self {
+            Procs::Group(g) => {
+                for &sig in signals {
+                    g.signal(sig);
+                }
+                Vec::new()
+            }
+            Procs::Console(c) => c.hang_up().await,
+        }
+    }
+
+    /// SIGKILLs them all; a no-op the second time.
+    async fn kill(&mut self) {
+        match self {
+            Procs::Group(g) => g.kill(),
+            Procs::Console(c) => c.kill().await,
+        }
+    }
+
+    /// Ends what is left once the main process has exited and its output
+    /// was drained. A command's leftovers are killed at once; a console's
+    /// (jobs still running) get a hangup first, then the grace period.
+    async fn end_leftovers(&mut self, grace: Duration) {
+        if let Procs::Console(c) = self {
+            let pids = c.hang_up().await;
+            pty::wait_gone(&pids, tokio::time::Instant::now() + grace).await;
+        }
+        self.kill().await;
     }
 }
 
@@ -269,45 +568,47 @@ enum Input {
     Eof,
 }
 
+/// What the end of the input means to the process.
+#[derive(Clone, Copy)]
+enum OnEof {
+    /// Close its stdin pipe.
+    Close,
+    /// A terminal cannot be half-closed: type ^D once, as a user would. A
+    /// shell at its prompt exits; after a partial line it ends that line.
+    CtrlD,
+}
+
 impl Session {
     async fn run(self, mut stream: Stream) {
         let id = self.id;
         let started = Instant::now();
-        let mut child = match self.plan.command().spawn() {
-            Ok(child) => child,
-            Err(e) => {
-                let message = format!("cannot start {:?}: {e}", self.plan.program);
+        let Started {
+            mut child,
+            pid,
+            mut procs,
+            outputs,
+            input,
+            terminal,
+            what,
+        } = match self.plan.start(&self.config).await {
+            Ok(s) => s,
+            Err(message) => {
                 warn!(stream = id, "session for {}: {message}", self.user);
                 stream.reject(RejectCode::SpawnFailed, &message).await;
                 return;
             }
         };
-        let Some(pid) = child.id() else {
-            // Unreachable in practice: the child has not been waited for yet.
-            stream
-                .reject(
-                    RejectCode::SpawnFailed,
-                    "the process vanished right after starting",
-                )
-                .await;
-            return;
-        };
-        let mut group = Group {
-            pgid: Pid::from_raw(pid as i32),
-            armed: true,
-        };
         info!(
             stream = id,
-            pid,
-            "session for {}: running {:?}",
-            self.user,
-            truncate(&self.plan.display, 200)
+            pid, "session for {}: running {what}", self.user
         );
 
         if stream.accept(pid).await.is_err() {
+            // Closes a console's terminal: its hangup.
+            drop((outputs, input, terminal));
             terminate(
                 &mut child,
-                &mut group,
+                &mut procs,
                 &[Signal::SIGHUP, Signal::SIGTERM],
                 self.config.kill_grace,
             )
@@ -321,38 +622,27 @@ impl Session {
             return;
         }
 
-        // Output: one pump per pipe. They stop reading when `stop` is set and
-        // no more output is immediately available.
+        // Output: one pump per pipe (one for a terminal). They stop reading
+        // when `stop` is set and no more output is immediately available.
         let handle = stream.handle();
         let max_frame = match self.open.max_frame {
             0 => handle.max_frame(),
             n => handle.max_frame().min(n as usize),
         };
         let (stop_tx, stop_rx) = watch::channel(false);
-        if let Some(p) = &child.stdout {
-            widen_pipe(p);
-        }
-        if let Some(p) = &child.stderr {
-            widen_pipe(p);
-        }
-        if let Some(p) = &child.stdin {
-            widen_pipe(p);
-        }
-        let stdout = child.stdout.take().map(|p| {
-            tokio::spawn(pump(
-                p,
-                handle.clone(),
-                link::CH_STDOUT,
-                max_frame,
-                stop_rx.clone(),
-            ))
-        });
-        let stderr = child
-            .stderr
-            .take()
-            .map(|p| tokio::spawn(pump(p, handle.clone(), link::CH_STDERR, max_frame, stop_rx)));
-        let pumps: Vec<JoinHandle<()>> = stdout.into_iter().chain(stderr).collect();
-        let _abort_pumps: Vec<AbortOnDrop> = pumps
+        let pumps: Vec<JoinHandle<()>> = outputs
+            .into_iter()
+            .map(|(source, channel)| {
+                tokio::spawn(pump(
+                    source,
+                    handle.clone(),
+                    channel,
+                    max_frame,
+                    stop_rx.clone(),
+                ))
+            })
+            .collect();
+        let abort_pumps: Vec<AbortOnDrop> = pumps
             .iter()
             .map(|p| AbortOnDrop(p.abort_handle()))
             .collect();
@@ -364,15 +654,17 @@ impl Session {
 
         // Input: a writer task, so a child that does not read its stdin can
         // block only the writer, never the timeout or a cancel.
+        let on_eof = if terminal.is_some() {
+            OnEof::CtrlD
+        } else {
+            OnEof::Close
+        };
         let (input_tx, input_rx) = mpsc::unbounded_channel();
         let (written_tx, mut written_rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_stdin(child.stdin.take(), input_rx, written_tx));
-        let _abort_writer = AbortOnDrop(writer.abort_handle());
+        let writer = tokio::spawn(write_stdin(input, on_eof, input_rx, written_tx));
+        let abort_writer = AbortOnDrop(writer.abort_handle());
 
-        let timeout = match self.plan.timeout_ms {
-            0 => self.config.command_timeout,
-            ms => Duration::from_millis(ms.into()),
-        };
+        let timeout = self.plan.timeout;
         // Only the first EOF counts: repeats must not queue up behind a child
         // that is not reading its stdin.
         let mut stdin_eof = false;
@@ -404,10 +696,11 @@ impl Session {
                             stdin_eof = true;
                             let _ = input_tx.send(Input::Eof);
                         }
+                        Some(Event::Resize(r)) => resize(terminal.as_ref(), id, r.cols, r.rows),
                         Some(Event::Cancelled(reason)) => break Outcome::Abandoned(format!("cancelled by the control plane: {reason}")),
                         Some(Event::LinkClosed(reason)) => break Outcome::Abandoned(format!("link to the control plane lost: {reason}")),
                         None => break Outcome::Abandoned("stream closed".into()),
-                        // Resize (no terminal yet), Eof on other channels, opener-only events.
+                        // Eof on other channels, opener-only events.
                         Some(_) => {}
                     },
                 }
@@ -419,9 +712,12 @@ impl Session {
 
         let (status, timed_out) = match outcome {
             Outcome::Abandoned(reason) => {
+                // Nobody reads the output any more. Stopping the tasks closes
+                // a console's terminal, which is its hangup.
+                drop((abort_pumps, abort_writer, terminal));
                 let status = terminate(
                     &mut child,
-                    &mut group,
+                    &mut procs,
                     &[Signal::SIGHUP, Signal::SIGTERM],
                     self.config.kill_grace,
                 )
@@ -438,7 +734,7 @@ impl Session {
             Outcome::TimedOut(after) => {
                 let status = terminate(
                     &mut child,
-                    &mut group,
+                    &mut procs,
                     &[Signal::SIGTERM],
                     self.config.kill_grace,
                 )
@@ -447,8 +743,9 @@ impl Session {
                 (status, Some(after))
             }
             Outcome::Exited(status) => {
-                // Leftover background processes may still hold the pipes open:
-                // give them a moment to finish writing, then kill them.
+                // Leftover background processes may still hold the pipes
+                // (the terminal) open: give them a moment to finish writing,
+                // then end them.
                 let drain = self.config.exit_drain_timeout;
                 let abandoned = tokio::select! {
                     () = &mut pumps_done => {
@@ -458,7 +755,7 @@ impl Session {
                     () = tokio::time::sleep(drain) => None,
                     reason = final_event(&mut stream) => Some(reason),
                 };
-                group.kill();
+                procs.end_leftovers(self.config.kill_grace).await;
                 if let Some(reason) = abandoned {
                     info!(
                         stream = id,
@@ -501,25 +798,40 @@ impl Session {
     }
 }
 
-/// Stops the process group: `first` signals, then SIGKILL after `grace` if
-/// the process has not exited, then SIGKILL for any leftovers. Reaps the child.
+/// Applies a `Resize` to a console's terminal; a command has none to resize.
+fn resize(terminal: Option<&pty::Master>, id: u32, cols: u32, rows: u32) {
+    let Some(terminal) = terminal else { return };
+    match pty::Size::resize(cols, rows) {
+        Some(size) => {
+            if let Err(e) = terminal.resize(size) {
+                debug!(stream = id, "resizing the terminal failed: {e}");
+            }
+        }
+        None => debug!(stream = id, "ignored a resize to {cols}x{rows}"),
+    }
+}
+
+/// Stops everything the session started: `first` signals (a console gets a
+/// hangup), then SIGKILL after `grace` if the process has not exited (a
+/// console's other processes get the same grace), then SIGKILL for any
+/// leftovers. Reaps the child.
 async fn terminate(
     child: &mut Child,
-    group: &mut Group,
+    procs: &mut Procs,
     first: &[Signal],
     grace: Duration,
 ) -> Option<ExitStatus> {
-    for &sig in first {
-        group.signal(sig);
-    }
-    let status = match tokio::time::timeout(grace, child.wait()).await {
+    let deadline = tokio::time::Instant::now() + grace;
+    let others = procs.ask_to_stop(first).await;
+    let status = match tokio::time::timeout_at(deadline, child.wait()).await {
         Ok(r) => r.ok(),
         Err(_) => {
-            group.kill();
+            procs.kill().await;
             child.wait().await.ok()
         }
     };
-    group.kill();
+    pty::wait_gone(&others, deadline).await;
+    procs.kill().await;
     status
 }
 
@@ -606,27 +918,38 @@ async fn pump<R: AsyncRead + Unpin>(
 /// Feeds stdin and reports every chunk as written (or discarded, once stdin
 /// is closed), which is when its credit goes back to the control plane.
 async fn write_stdin(
-    mut stdin: Option<ChildStdin>,
+    mut stdin: Option<Box<dyn AsyncWrite + Send + Unpin>>,
+    on_eof: OnEof,
     mut input: mpsc::UnboundedReceiver<Input>,
     written: mpsc::UnboundedSender<usize>,
 ) {
     while let Some(item) = input.recv().await {
         match item {
             Input::Data(data) => {
-                if let Some(pipe) = stdin.as_mut()
-                    && let Err(e) = pipe.write_all(&data).await
+                if let Some(sink) = stdin.as_mut()
+                    && let Err(e) = sink.write_all(&data).await
                 {
-                    // EPIPE: the process closed its stdin. Later input is discarded.
+                    // EPIPE: the process closed its stdin (EIO: the terminal
+                    // is gone). Later input is discarded.
                     debug!("writing to the process's stdin failed: {e}");
                     stdin = None;
                 }
                 let _ = written.send(data.len());
             }
-            Input::Eof => {
-                if let Some(mut pipe) = stdin.take() {
-                    let _ = pipe.shutdown().await;
+            Input::Eof => match on_eof {
+                OnEof::Close => {
+                    if let Some(mut pipe) = stdin.take() {
+                        let _ = pipe.shutdown().await;
+                    }
                 }
-            }
+                OnEof::CtrlD => {
+                    if let Some(terminal) = stdin.as_mut()
+                        && terminal.write_all(b"\x04").await.is_err()
+                    {
+                        stdin = None;
+                    }
+                }
+            },
         }
     }
 }
@@ -690,139 +1013,9 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::*;
     use gatekey_proto::link::Accept;
-    use gatekey_proto::mux::{Mux, MuxConfig, OpenError, Side};
-    use tokio_tungstenite::WebSocketStream;
-    use tokio_tungstenite::tungstenite::protocol::Role;
-
-    const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-
-    fn config(session_enabled: bool) -> Config {
-        let mut c = Config::new("node-1", "https://cp.example", "hub_test").unwrap();
-        c.session_enabled = session_enabled;
-        c.kill_grace = Duration::from_millis(300);
-        c.exit_drain_timeout = Duration::from_millis(300);
-        c
-    }
-
-    /// A real link over an in-memory pipe: the test holds the opener (the
-    /// control plane's side), the executor serves the acceptor side.
-    async fn link(config: Config) -> (Mux, Mux, Arc<Executor>) {
-        let (a, b) = tokio::io::duplex(1 << 20);
-        let (agent_ws, server_ws) = tokio::join!(
-            WebSocketStream::from_raw_socket(a, Role::Client, None),
-            WebSocketStream::from_raw_socket(b, Role::Server, None)
-        );
-        let (server, _) = Mux::start(server_ws, MuxConfig::default(), Side::Opener);
-        let (agent, incoming) = Mux::start(agent_ws, MuxConfig::default(), Side::Acceptor);
-        let executor = Arc::new(Executor::new(Arc::new(config)));
-        let e = executor.clone();
-        tokio::spawn(async move { e.serve(incoming.expect("acceptor queue")).await });
-        (server, agent, executor)
-    }
-
-    fn shell(cmd: &str) -> Exec {
-        Exec {
-            shell_command: cmd.into(),
-            ..Default::default()
-        }
-    }
-
-    async fn open(server: &Mux, exec: Exec) -> Result<(Stream, Accept), OpenError> {
-        let open = Open {
-            user: "tester".into(),
-            kind: Some(open::Kind::Exec(exec)),
-            ..Default::default()
-        };
-        server.open(open, OPEN_TIMEOUT).await
-    }
-
-    #[derive(Debug, Default)]
-    struct Output {
-        stdout: Vec<u8>,
-        stderr: Vec<u8>,
-        eofs: Vec<u8>,
-        exit: Option<Exit>,
-    }
-
-    /// Reads a stream to its end, granting credit as bytes arrive.
-    async fn collect(stream: &mut Stream) -> Output {
-        let mut out = Output::default();
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Event::Data(d) => {
-                    match d.channel() {
-                        link::CH_STDOUT => out.stdout.extend_from_slice(&d.payload()),
-                        link::CH_STDERR => out.stderr.extend_from_slice(&d.payload()),
-                        other => panic!("data on channel {other}"),
-                    }
-                    stream.consumed(d.len());
-                }
-                Event::Eof(ch) => out.eofs.push(ch),
-                Event::Exit(x) => {
-                    out.exit = Some(x);
-                    break;
-                }
-                other => panic!("unexpected event {other:?}"),
-            }
-        }
-        out
-    }
-
-    async fn run(server: &Mux, exec: Exec) -> Output {
-        let (mut stream, _) = open(server, exec).await.expect("accepted");
-        within("the exit", collect(&mut stream)).await
-    }
-
-    fn code(out: &Output) -> Option<exit::Status> {
-        out.exit.as_ref().expect("an exit").status
-    }
-
-    /// Processes whose command line contains `marker` (zombies have none).
-    fn procs_with(marker: &str) -> Vec<i32> {
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline"))
-                && cmdline
-                    .windows(marker.len())
-                    .any(|w| w == marker.as_bytes())
-            {
-                found.push(pid);
-            }
-        }
-        found
-    }
-
-    /// Polls until `cond` holds, failing after a generous deadline.
-    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !cond() {
-            assert!(Instant::now() < deadline, "timed out waiting until {what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Fails instead of hanging when the agent does not finish something.
-    async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-        tokio::time::timeout(Duration::from_secs(30), fut)
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-    }
-
-    /// A unique `sleep` duration: it shows in /proc as the marker of that test's processes.
-    fn marker() -> String {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        format!(
-            "{}.{}{:04}",
-            900_000 + std::process::id() % 1000,
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        )
-    }
+    use gatekey_proto::mux::OpenError;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn stdout_and_stderr_stay_separate() {
@@ -1135,16 +1328,14 @@ mod tests {
                 &server,
                 Exec {
                     tty: true,
+                    term: "xterm\n".into(),
                     ..shell("sh")
                 },
             )
             .await,
         );
-        assert_eq!(code, RejectCode::Unsupported);
-        assert_eq!(
-            message,
-            "interactive consoles are not supported by this agent version"
-        );
+        assert_eq!(code, RejectCode::Invalid);
+        assert!(message.contains("term must be"), "{message}");
 
         let (code, _) = reject(server.open(Open::default(), OPEN_TIMEOUT).await);
         assert_eq!(code, RejectCode::Unsupported);

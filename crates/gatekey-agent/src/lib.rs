@@ -3,7 +3,10 @@
 //!
 //! - [`config`]: the YAML config file, with one-line errors naming file, line and key.
 //! - [`link`]: dialing, the hello/welcome handshake, reconnecting with backoff.
-//! - [`exec`]: running commands in their own process groups, streaming their output.
+//! - [`exec`]: running commands in their own process groups, and consoles on
+//!   pseudo-terminals, streaming their output.
+//! - [`pty`]: pseudo-terminals: allocation, starting a console's process on
+//!   one, resizing, and ending every process of the console.
 //! - [`cli`]: the `gatekey-agent` command line.
 //!
 //! Tests and embedders run an agent in-process with [`run`]:
@@ -23,8 +26,13 @@
 
 pub mod cli;
 pub mod config;
+#[cfg(test)]
+mod console_tests;
 pub mod exec;
 pub mod link;
+pub mod pty;
+#[cfg(test)]
+mod test_support;
 
 use std::future::Future;
 

@@ -265,7 +265,10 @@ async fn agent_retries_refusals_then_serves_exec_and_shuts_down_cleanly() {
         (link::MIN_VERSION, link::MAX_VERSION)
     );
     assert_eq!(hello.agent_version, gatekey_proto::VERSION);
-    assert_eq!(hello.capabilities, vec!["exec".to_string()]);
+    assert_eq!(
+        hello.capabilities,
+        vec!["exec".to_string(), "pty".to_string()]
+    );
     assert_eq!(hello.max_sessions, 32);
 
     // 3: welcomed, then replaced: the agent reconnects.
@@ -452,4 +455,71 @@ async fn handshake_failures_are_explained() {
         s.contains("rejected the token") && s.contains("unknown agent token"),
         "{s}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_kills_console_jobs() {
+    let mut cp = control_plane("shutdown-console", vec![Plan::Welcome]).await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let agent = tokio::spawn(run(agent_config(&cp), async {
+        let _ = stopped.await;
+    }));
+    let mux = next_conn(&mut cp).await.mux.expect("link up");
+    let marker = format!(
+        "{}.{}",
+        810_000 + std::process::id() % 1000,
+        std::process::id()
+    );
+    // On a terminal, with job control: the job gets a process group of its
+    // own, and ignores the hangup.
+    let exec = Exec {
+        shell_command: format!("set -m; trap '' HUP; sleep {marker} & echo started; wait"),
+        tty: true,
+        stdin: true,
+        ..Default::default()
+    };
+    let open = Open {
+        kind: Some(open::Kind::Exec(exec)),
+        ..Default::default()
+    };
+    let (mut stream, _) = mux
+        .open(open, Duration::from_secs(10))
+        .await
+        .expect("accepted");
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains("started") {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+            Ok(Some(Event::Data(d))) => {
+                out.extend_from_slice(&d.payload());
+                stream.consumed(d.len());
+            }
+            other => panic!("expected output, got {other:?}"),
+        }
+    }
+    // The shell and its job.
+    assert!(sleeping(&marker).len() >= 2);
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), agent)
+        .await
+        .expect("agent stops")
+        .unwrap()
+        .expect("clean exit");
+    assert!(
+        sleeping(&marker).is_empty(),
+        "the console survived the agent"
+    );
+}
+
+/// Processes whose command line contains `marker`.
+fn sleeping(marker: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+        })
+        .collect()
 }

@@ -216,7 +216,7 @@ async fn second_console_is_refused_then_shared_observed_taken_over_and_killed() 
     // The live-session API shows one console with three participants.
     let list = c.admin_ok(&["session", "active", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
-    let consoles: Vec<_> = v["sessions"]
+    let consoles: Vec<_> = v
         .as_array()
         .unwrap()
         .iter()
@@ -248,14 +248,14 @@ async fn second_console_is_refused_then_shared_observed_taken_over_and_killed() 
     // Kill from the API: the participant is told who ended it.
     let v: serde_json::Value =
         serde_json::from_str(&c.admin_ok(&["session", "active", "-o", "json"])).unwrap();
-    let id = v["sessions"][0]["id"].as_str().unwrap().to_string();
+    let id = v[0]["id"].as_str().unwrap().to_string();
     c.admin_ok(&["session", "kill", &id]);
     let s = d.finish(Duration::from_secs(15)).await;
     assert_eq!(s.reason, channel::REASON_KILLED, "{s:?}");
     assert!(s.message.contains("killed by admin"), "{s:?}");
     let v: serde_json::Value =
         serde_json::from_str(&c.admin_ok(&["session", "active", "-o", "json"])).unwrap();
-    assert!(v["sessions"].as_array().unwrap().is_empty());
+    assert!(v.as_array().unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,7 +308,8 @@ async fn vanished_agent_and_vanished_client_end_the_session() {
     // the session is reaped and the shell is gone.
     let mark = marker();
     let mut con = tty(&c, "hub-1", "").await.unwrap();
-    con.send(&format!("sh -c 'sleep 1000; true' {mark}\r")).await;
+    con.send(&format!("sh -c 'sleep 1000; true' {mark}\r"))
+        .await;
     wait_until(Duration::from_secs(10), "marker process", || {
         !processes_with(&mark).is_empty()
     });

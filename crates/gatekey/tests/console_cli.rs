@@ -19,7 +19,8 @@ struct Tmux {
 
 impl Tmux {
     /// A detached tmux server with one 100x30 window running a plain shell
-    /// whose environment points `gatekey-admin` at the cluster.
+    /// whose environment points `gatekey-admin` at the cluster (set by typing
+    /// it: tmux's `-e` does not reach the shell everywhere).
     fn start(c: &Cluster, dir: &Path) -> Option<Tmux> {
         if Command::new("tmux").arg("-V").output().is_err() {
             eprintln!("SKIP: tmux is not installed (scripts/setup.sh installs it)");
@@ -39,21 +40,22 @@ impl Tmux {
             "100",
             "-y",
             "30",
-            "-e",
-            &format!("PATH={path}"),
-            "-e",
-            &format!("GATEKEY_SERVER={}", c.url),
-            "-e",
-            &format!("GATEKEY_API_KEY={}", c.admin_key),
-            "-e",
-            &format!("GATEKEY_CA_CERT={}", c.ca_cert.display()),
-            "-e",
-            &format!("HOME={}", dir.join("home").display()),
-            "-e",
-            "PS1=local$ ",
             "/bin/sh",
         ]);
-        assert!(out.status.success(), "tmux: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "tmux: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        // dash gives root its own prompt whatever the environment says.
+        t.line(&format!(
+            "export PATH='{path}' GATEKEY_SERVER='{}' GATEKEY_API_KEY='{}' GATEKEY_CA_CERT='{}' HOME='{}'; PS1='local$ '; clear",
+            c.url,
+            c.admin_key,
+            c.ca_cert.display(),
+            dir.join("home").display()
+        ));
         t.wait_for("local$", Duration::from_secs(10));
         Some(t)
     }
@@ -75,13 +77,21 @@ impl Tmux {
 
     /// Types `text` literally, then Enter.
     fn line(&self, text: &str) {
-        assert!(self.run(&["send-keys", "-t", "t", "-l", text]).status.success());
+        assert!(
+            self.run(&["send-keys", "-t", "t", "-l", text])
+                .status
+                .success()
+        );
         self.keys(&["Enter"]);
     }
 
     fn screen(&self) -> String {
-        String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-t", "t", "-S", "-200"]).stdout)
-            .into_owned()
+        String::from_utf8_lossy(
+            &self
+                .run(&["capture-pane", "-p", "-t", "t", "-S", "-200"])
+                .stdout,
+        )
+        .into_owned()
     }
 
     fn wait_for(&self, needle: &str, timeout: Duration) {
@@ -91,7 +101,10 @@ impl Tmux {
             if s.contains(needle) {
                 return;
             }
-            assert!(Instant::now() < deadline, "{needle:?} never appeared; screen:\n{s}");
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} never appeared; screen:\n{s}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -111,20 +124,29 @@ impl Drop for Tmux {
 fn connect_in_a_real_terminal() {
     let c = Cluster::start(&bins());
     let (_, _agent) = c.agent("mesh hub", "hub-1", true);
-    let Some(t) = Tmux::start(&c, &c.dir) else { return };
+    let Some(t) = Tmux::start(&c, &c.dir) else {
+        return;
+    };
     let before = c.dir.join("stty-before");
     let after = c.dir.join("stty-after");
     t.line(&format!("stty -a > {}", before.display()));
 
     t.line("gatekey-admin session connect hub-1");
-    t.wait_for("Connected to hub-1. Type 'exit' to disconnect.", Duration::from_secs(15));
+    t.wait_for(
+        "Connected to hub-1. Type 'exit' to disconnect.",
+        Duration::from_secs(15),
+    );
     t.line("echo remote-$((6*7))");
     t.wait_for("remote-42", Duration::from_secs(10));
 
     // The window size follows the local terminal, now and after a resize.
     t.line("stty size");
     t.wait_for("30 100", Duration::from_secs(10));
-    assert!(t.run(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]).status.success());
+    assert!(
+        t.run(&["resize-window", "-t", "t", "-x", "120", "-y", "40"])
+            .status
+            .success()
+    );
     std::thread::sleep(Duration::from_millis(300));
     t.line("stty size");
     t.wait_for("40 120", Duration::from_secs(10));
@@ -147,7 +169,11 @@ fn connect_in_a_real_terminal() {
     let connected = "Connected to hub-1. Type 'exit' to disconnect.";
     let deadline = Instant::now() + Duration::from_secs(15);
     while t.count(connected) < 2 {
-        assert!(Instant::now() < deadline, "second connect failed:\n{}", t.screen());
+        assert!(
+            Instant::now() < deadline,
+            "second connect failed:\n{}",
+            t.screen()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -155,12 +181,19 @@ fn connect_in_a_real_terminal() {
     t.run(&["send-keys", "-t", "t", "-l", "~."]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while t.count("Disconnecting...") < 2 {
-        assert!(Instant::now() < deadline, "~. did not disconnect:\n{}", t.screen());
+        assert!(
+            Instant::now() < deadline,
+            "~. did not disconnect:\n{}",
+            t.screen()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
     // The local terminal is exactly as it was.
-    t.line(&format!("stty -a > {}; echo saved-$((2+2))", after.display()));
+    t.line(&format!(
+        "stty -a > {}; echo saved-$((2+2))",
+        after.display()
+    ));
     t.wait_for("saved-4", Duration::from_secs(10));
     let (b, a) = (
         std::fs::read_to_string(&before).unwrap(),

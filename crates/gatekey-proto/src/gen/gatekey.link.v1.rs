@@ -59,7 +59,7 @@ pub struct Hello {
     /// Most concurrent streams the agent accepts (0: no limit announced).
     #[prost(uint32, tag = "10")]
     pub max_sessions: u32,
-    /// Stream kinds the agent can serve: "exec", later "pty", "diag".
+    /// Stream kinds the agent can serve: "exec", "pty" (tty consoles), later "diag".
     #[prost(string, repeated, tag = "11")]
     pub capabilities: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
@@ -123,7 +123,8 @@ pub struct Exec {
     pub cols: u32,
     #[prost(uint32, tag = "6")]
     pub rows: u32,
-    /// Kill the process group after this long (0: the agent's command_timeout).
+    /// Kill the process group after this long (0: the agent's command_timeout;
+    /// with tty, 0 means no limit).
     #[prost(uint32, tag = "7")]
     pub timeout_ms: u32,
     /// Whether the control plane will send stdin; if false stdin is /dev/null.
