@@ -76,6 +76,8 @@ Try, in another terminal:
   export PATH="$bin:\$PATH"
   gatekey-admin session list
   gatekey-admin session exec hub-1 "ip addr"
+  gatekey-admin session connect hub-1          # interactive shell; exit or ~. to leave
+  gatekey-admin session active
   gatekey-admin session exec hub-1 "uname -a; id"
   echo hello | gatekey-admin session exec hub-1 "tr a-z A-Z"
   gatekey-admin mesh hub list
