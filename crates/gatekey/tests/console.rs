@@ -415,3 +415,24 @@ fn an_independent_python_client_speaks_the_console_protocol() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_without_a_terminal_is_the_shell_on_pipes() {
+    let c = Cluster::start(&bins());
+    let (_, _agent) = c.agent("mesh hub", "hub-1", true);
+    let mut con = open(&c, "hub-1", &query(r#"{"tty":false}"#, ""))
+        .await
+        .unwrap();
+    con.send("echo pipes-$((1+1)); echo err-out >&2\n").await;
+    con.ws
+        .send(Message::Binary(Bytes::from(vec![
+            channel::CLOSE,
+            channel::STDIN,
+        ])))
+        .await
+        .unwrap();
+    let status = con.finish(Duration::from_secs(15)).await;
+    assert_eq!(status.status, "Success", "{status:?}");
+    assert_eq!(con.text(), "pipes-2\n");
+    assert!(con.notices.contains("err-out"));
+}
