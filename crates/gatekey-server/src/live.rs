@@ -65,9 +65,10 @@ impl Live {
         self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// Sends a command to the session's relay; false once it has ended.
-    pub fn command(&self, c: Command) -> bool {
-        self.commands.send(c).is_ok()
+    /// Sends a command to the session's relay; gives it back once the
+    /// session has ended.
+    pub fn command(&self, c: Command) -> Result<(), Command> {
+        self.commands.send(c).map_err(|e| e.0)
     }
 
     /// Waits until the session's relay has finished.

@@ -200,7 +200,29 @@ pub async fn run(
         }
     };
     relay.finish(status).await;
+    // Clients that asked to join while it ended are told, not dropped.
     drop(registration);
+    commands.close();
+    while let Ok(command) = commands.try_recv() {
+        if let Command::Join(p) = command {
+            refuse_late(*p, timeouts.close).await;
+        }
+    }
+}
+
+/// Tells a client whose join arrived after the session ended, and closes it.
+pub async fn refuse_late(p: Participant, close: Duration) {
+    let status = Status::failure(
+        channel::REASON_SESSION_LOST,
+        "the console ended before this client could join it",
+    );
+    let mut ws = p.ws;
+    let work = async {
+        ws.send(Message::Binary(Bytes::from(status.to_message())))
+            .await?;
+        ws.close(None).await
+    };
+    let _ = tokio::time::timeout(close, work).await;
 }
 
 impl Relay {

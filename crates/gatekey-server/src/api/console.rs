@@ -84,8 +84,9 @@ async fn console_inner(
                                 ws,
                                 v5,
                             };
-                            if !open.command(Command::Join(Box::new(p))) {
-                                tracing::debug!(session = %open.id, "console ended while a client joined");
+                            if let Err(Command::Join(p)) = open.command(Command::Join(Box::new(p)))
+                            {
+                                relay::refuse_late(*p, state.config.request_timeout).await;
                             }
                         }
                         Err(e) => tracing::warn!(error = %e, "console WebSocket upgrade failed"),
@@ -138,7 +139,7 @@ async fn console_inner(
 /// Ends `open`, telling its participants who took over, and waits for it to go.
 async fn take_over(state: &AppState, open: &Live, user: &str) -> ApiResult<()> {
     tracing::info!(session = %open.id, agent = %open.agent, %user, "console taken over");
-    open.command(Command::End {
+    let _ = open.command(Command::End {
         reason: channel::REASON_TAKEN_OVER,
         message: format!("{user} took over this console"),
     });
@@ -266,7 +267,7 @@ pub async fn kill(
         ))
     })?;
     tracing::info!(session = %live.id, agent = %live.agent, user = %caller.user.name, "session killed");
-    live.command(Command::End {
+    let _ = live.command(Command::End {
         reason: channel::REASON_KILLED,
         message: format!("session killed by {}", caller.user.name),
     });
