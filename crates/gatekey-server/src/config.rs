@@ -40,6 +40,8 @@ pub struct Config {
     pub console_idle_timeout: Duration,
     /// Longest any session may last (zero: no limit).
     pub session_max_duration: Duration,
+    /// Most clients in one console (the holder, those sharing, observers).
+    pub console_max_participants: usize,
     /// Per-stream cap on output returned by the one-shot exec API.
     pub exec_output_limit: usize,
     /// Per-stream flow-control window on agent links.
@@ -71,6 +73,7 @@ impl Default for Config {
             exec_grace: Duration::from_secs(10),
             console_idle_timeout: Duration::from_secs(30 * 60),
             session_max_duration: Duration::ZERO,
+            console_max_participants: 16,
             exec_output_limit: 1024 * 1024,
             stream_window: gatekey_proto::limits::DEFAULT_WINDOW,
             max_connections: 100_000,
@@ -108,6 +111,7 @@ struct FileConfig {
     console_idle_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
     session_max_duration: Option<Duration>,
+    console_max_participants: Option<usize>,
     exec_output_limit: Option<usize>,
     stream_window: Option<u32>,
     max_connections: Option<usize>,
@@ -148,6 +152,7 @@ impl Config {
             exec_grace,
             console_idle_timeout,
             session_max_duration,
+            console_max_participants,
             exec_output_limit,
             stream_window,
             max_connections,
@@ -231,6 +236,9 @@ impl Config {
         if let Some(v) = dur("GATEKEY_SESSION_MAX_DURATION")? {
             self.session_max_duration = v;
         }
+        if let Some(v) = num("GATEKEY_CONSOLE_MAX_PARTICIPANTS")? {
+            self.console_max_participants = v as usize;
+        }
         if let Some(v) = num("GATEKEY_EXEC_OUTPUT_LIMIT")? {
             self.exec_output_limit = v as usize;
         }
@@ -262,6 +270,9 @@ impl Config {
         }
         if self.heartbeat_interval.is_zero() {
             return Err("heartbeat_interval must be positive".into());
+        }
+        if self.console_max_participants == 0 {
+            return Err("console_max_participants must be at least 1".into());
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err("tls_cert and tls_key must be set together".into());

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -153,6 +154,8 @@ pub struct NewSession {
     pub agent_id: String,
     pub command: Option<String>,
     pub size: Option<(u16, u16)>,
+    /// Bounds telling a late joiner that the session has ended.
+    pub close_timeout: Duration,
 }
 
 /// A registered session; dropping it removes the session from the table.
@@ -161,8 +164,11 @@ pub struct Registration {
     table: Arc<Mutex<Table>>,
 }
 
-impl Drop for Registration {
-    fn drop(&mut self) {
+impl Registration {
+    /// Removes the session from the table and tells whoever waits for its
+    /// end (a kill, a takeover), before the relay's slower goodbyes to its
+    /// clients. Idempotent.
+    pub fn unlist(&self) {
         let mut t = self.table.lock().expect("sessions lock");
         t.by_id.remove(&self.live.id);
         if self.live.kind == Kind::Console
@@ -172,17 +178,52 @@ impl Drop for Registration {
         {
             t.consoles.remove(&self.live.agent_id);
         }
+        drop(t);
         let _ = self.live.ended.send(true);
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.unlist();
+    }
+}
+
+/// The receiving end of a session's commands. Dropping it (the session
+/// ended, or never started) refuses every join still queued with a status,
+/// so no client is left with a silently closed socket.
+pub struct Commands {
+    rx: mpsc::UnboundedReceiver<Command>,
+    close_timeout: Duration,
+}
+
+impl Commands {
+    pub async fn recv(&mut self) -> Option<Command> {
+        self.rx.recv().await
+    }
+
+    pub fn try_recv(&mut self) -> Option<Command> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Drop for Commands {
+    fn drop(&mut self) {
+        self.rx.close();
+        while let Ok(command) = self.rx.try_recv() {
+            if let Command::Join(p) = command
+                && let Ok(rt) = tokio::runtime::Handle::try_current()
+            {
+                rt.spawn(crate::relay::refuse_late(*p, self.close_timeout));
+            }
+        }
     }
 }
 
 impl Sessions {
     /// Registers a session. A console fails with the agent's open console
     /// when there is one.
-    pub fn register(
-        &self,
-        new: NewSession,
-    ) -> Result<(Registration, mpsc::UnboundedReceiver<Command>), Arc<Live>> {
+    pub fn register(&self, new: NewSession) -> Result<(Registration, Commands), Arc<Live>> {
         let mut t = self.table.lock().expect("sessions lock");
         if new.kind == Kind::Console
             && let Some(existing) = t.consoles.get(&new.agent_id)
@@ -215,7 +256,10 @@ impl Sessions {
                 live,
                 table: self.table.clone(),
             },
-            rx,
+            Commands {
+                rx,
+                close_timeout: new.close_timeout,
+            },
         ))
     }
 

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use gatekey_proto::channel::{self, Status, TerminalSize};
 use gatekey_proto::link::CH_STDIN;
@@ -26,12 +26,16 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::live::{Live, ParticipantInfo, Registration, Role, addr_string, now_ms};
+use crate::live::{Commands, Live, ParticipantInfo, Registration, Role, addr_string, now_ms};
 use crate::session::exit_status;
 use crate::ws::ServerWs;
 
 /// Most agent messages forwarded before one flush.
 const BATCH: usize = 32;
+
+/// How far behind the fastest member of a shared session another member may
+/// fall on one batch before it is dropped.
+const LAG_ALLOWANCE: Duration = Duration::from_secs(5);
 
 /// A client joining a session.
 pub struct Participant {
@@ -95,7 +99,7 @@ pub async fn run(
     registration: Registration,
     mut stream: Stream,
     first: Participant,
-    mut commands: mpsc::UnboundedReceiver<Command>,
+    mut commands: Commands,
     timeouts: Timeouts,
 ) {
     let live = registration.live.clone();
@@ -114,16 +118,54 @@ pub async fn run(
         tokio::time::Instant::now() + timeouts.heartbeat_interval,
         timeouts.heartbeat_interval,
     );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let status = loop {
         if relay.members.is_empty() {
-            relay.handle.cancel("every client left").await;
-            return;
+            // A join queued just as the last client left keeps it going.
+            match commands.try_recv() {
+                Some(Command::Join(p)) => {
+                    relay.join(*p, false).await;
+                    continue;
+                }
+                Some(Command::End { .. }) | None => {
+                    registration.unlist();
+                    relay.handle.cancel("every client left").await;
+                    return;
+                }
+            }
         }
         tokio::select! {
-            // Agent events first: an exit that races a client leaving must
-            // still reach the clients as their status.
+            // Orders and the clock before output, so a session streaming
+            // flat out can still be killed, taken over, pinged and timed
+            // out; agent events before client departures, so an exit that
+            // races a client leaving still reaches the clients as a status.
             biased;
+            Some(command) = commands.recv() => match command {
+                Command::Join(p) => relay.join(*p, true).await,
+                Command::End { reason, message } => {
+                    relay.handle.cancel(&message).await;
+                    break Status::failure(reason, message);
+                }
+            },
+            _ = tick.tick() => {
+                relay.broadcast(vec![Message::Ping(Bytes::new())]).await;
+                if let Some(max) = timeouts.max_duration
+                    && started.elapsed() >= max
+                {
+                    let message = format!("the session reached its maximum duration of {}", human(max));
+                    relay.handle.cancel(&message).await;
+                    break Status::failure(channel::REASON_MAX_DURATION, message);
+                }
+                if let Some(idle) = timeouts.idle {
+                    let quiet = now_ms() - live.last_activity_ms.load(Ordering::Relaxed);
+                    if quiet >= idle.as_millis() as i64 {
+                        let message = format!("the session was idle (no input or output) for {}", human(idle));
+                        relay.handle.cancel(&message).await;
+                        break Status::failure(channel::REASON_IDLE_TIMEOUT, message);
+                    }
+                }
+            }
             event = stream.next() => {
                 let Some(event) = event else {
                     break Status::failure(channel::REASON_INTERNAL, "session ended without an exit status");
@@ -148,7 +190,10 @@ pub async fn run(
                         }
                         live.bytes_out.fetch_add(consumed as u64, Ordering::Relaxed);
                         live.touch();
-                        relay.broadcast(batch).await;
+                        if let Some((reason, message)) = broadcast_or_end(&mut relay, batch, &mut commands).await {
+                            relay.handle.cancel(&message).await;
+                            break Status::failure(reason, message);
+                        }
                         stream.consumed(consumed);
                         if let Some(final_status) = pending.and_then(final_event) {
                             break final_status;
@@ -161,13 +206,6 @@ pub async fn run(
                     }
                 }
             }
-            Some(command) = commands.recv() => match command {
-                Command::Join(p) => relay.join(*p, true).await,
-                Command::End { reason, message } => {
-                    relay.handle.cancel(&message).await;
-                    break Status::failure(reason, message);
-                }
-            },
             Some(event) = reader_events.recv() => match event {
                 FromReader::Gone { id, why } => {
                     if let Some(user) = relay.remove(id) {
@@ -179,35 +217,48 @@ pub async fn run(
                 }
                 FromReader::Notice { id, text } => relay.notice(id, &text).await,
             },
-            _ = tick.tick() => {
-                relay.broadcast(vec![Message::Ping(Bytes::new())]).await;
-                if let Some(max) = timeouts.max_duration
-                    && started.elapsed() >= max
-                {
-                    let message = format!("the session reached its maximum duration of {}", human(max));
-                    relay.handle.cancel(&message).await;
-                    break Status::failure(channel::REASON_MAX_DURATION, message);
-                }
-                if let Some(idle) = timeouts.idle {
-                    let quiet = now_ms() - live.last_activity_ms.load(Ordering::Relaxed);
-                    if quiet >= idle.as_millis() as i64 {
-                        let message = format!("the session was idle (no input or output) for {}", human(idle));
-                        relay.handle.cancel(&message).await;
-                        break Status::failure(channel::REASON_IDLE_TIMEOUT, message);
-                    }
-                }
+        }
+    };
+    // Whoever waits for the end (kill, takeover) is answered now; late
+    // joiners are refused (dropping `commands`) while the members get their
+    // status.
+    registration.unlist();
+    drop(commands);
+    relay.finish(status).await;
+}
+
+/// Broadcasts a batch while still obeying orders: a member that is slow to
+/// take output (up to the heartbeat timeout) must not delay a kill or a
+/// takeover. Joins that arrive meanwhile are admitted after the batch.
+/// Returns the end order if one came.
+async fn broadcast_or_end(
+    relay: &mut Relay,
+    batch: Vec<Message>,
+    commands: &mut Commands,
+) -> Option<(&'static str, String)> {
+    let mut deferred = Vec::new();
+    let ended = {
+        let send = relay.broadcast(batch);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut send => break None,
+                Some(command) = commands.recv() => match command {
+                    Command::Join(p) => deferred.push(p),
+                    Command::End { reason, message } => break Some((reason, message)),
+                },
             }
         }
     };
-    relay.finish(status).await;
-    // Clients that asked to join while it ended are told, not dropped.
-    drop(registration);
-    commands.close();
-    while let Ok(command) = commands.try_recv() {
-        if let Command::Join(p) = command {
-            refuse_late(*p, timeouts.close).await;
+    for p in deferred {
+        if ended.is_some() {
+            tokio::spawn(refuse_late(*p, relay.timeouts.close));
+        } else {
+            relay.join(*p, true).await;
         }
     }
+    ended
 }
 
 /// Tells a client whose join arrived after the session ended, and closes it.
@@ -310,16 +361,45 @@ impl Relay {
                 vec![m.id]
             }
         } else {
-            let sends = self.members.iter_mut().map(|m| {
-                let batch = batch.clone();
-                async move { (m.id, send_batch(&mut m.tx, batch, deadline).await) }
-            });
-            futures_util::future::join_all(sends)
-                .await
-                .into_iter()
-                .filter(|(_, ok)| !ok)
-                .map(|(id, _)| id)
-                .collect()
+            // Every member gets the batch at once. Once the first has taken
+            // it, the others get LAG_ALLOWANCE more, so one stalled observer
+            // cannot hold everyone else back for the whole heartbeat timeout.
+            let started = tokio::time::Instant::now();
+            let mut sends: FuturesUnordered<_> = self
+                .members
+                .iter_mut()
+                .map(|m| {
+                    let batch = batch.clone();
+                    async move { (m.id, send_batch(&mut m.tx, batch, deadline).await) }
+                })
+                .collect();
+            let mut failed = Vec::new();
+            let mut ids_done = Vec::new();
+            let mut cutoff = started + deadline;
+            loop {
+                match tokio::time::timeout_at(cutoff, sends.next()).await {
+                    Ok(Some((id, ok))) => {
+                        ids_done.push(id);
+                        if !ok {
+                            failed.push(id);
+                        } else {
+                            cutoff = cutoff.min(tokio::time::Instant::now() + LAG_ALLOWANCE);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        drop(sends);
+                        failed.extend(
+                            self.members
+                                .iter()
+                                .map(|m| m.id)
+                                .filter(|id| !ids_done.contains(id)),
+                        );
+                        break;
+                    }
+                }
+            }
+            failed
         };
         for id in failed {
             if let Some(user) = self.remove(id) {

@@ -378,6 +378,41 @@ async fn slow_reader_holds_memory_bounded_and_other_sessions_stay_responsive() {
     con.send("\x03").await;
 }
 
+/// A client that stops reading while the shell streams flat out must not
+/// hold up orders: a takeover and a kill are answered promptly (well within
+/// the 30 s heartbeat timeout that would drop the stalled client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_does_not_hold_up_takeover_or_kill() {
+    let c = Cluster::start(&bins());
+    let (_, _agent) = c.agent("mesh hub", "hub-1", true);
+    let mut stalled = tty(&c, "hub-1", "").await.unwrap();
+    stalled.send("yes\r").await;
+    // Let its socket buffers fill; from now on it reads nothing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let t = Instant::now();
+    let mut taker = tty(&c, "hub-1", "&force=true").await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "takeover took {:?}",
+        t.elapsed()
+    );
+    drop(stalled);
+
+    taker.send("yes\r").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let v: serde_json::Value =
+        serde_json::from_str(&c.admin_ok(&["session", "active", "-o", "json"])).unwrap();
+    let id = v[0]["id"].as_str().unwrap().to_string();
+    let t = Instant::now();
+    c.admin_ok(&["session", "kill", &id]);
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "kill took {:?}",
+        t.elapsed()
+    );
+}
+
 #[test]
 fn an_independent_python_client_speaks_the_console_protocol() {
     let python = std::path::Path::new("/usr/bin/python3");

@@ -68,6 +68,12 @@ async fn console_inner(
     if let Some(open) = state.sessions.console_of(&target.node.id) {
         match (wanted.mode, wanted.force) {
             (Mode::Share | Mode::Observe, _) => {
+                let cap = state.config.console_max_participants;
+                if open.participants.lock().expect("participants lock").len() >= cap {
+                    return Err(ApiError::conflict(format!(
+                        "the console on {agent} already has {cap} participants, the most allowed (console_max_participants)"
+                    )));
+                }
                 let role = if wanted.mode == Mode::Observe {
                     Role::Observe
                 } else {
@@ -111,6 +117,7 @@ async fn console_inner(
             agent_id: target.node.id.clone(),
             command: (!wanted.exec.argv.is_empty()).then(|| exec_display(&wanted.exec)),
             size: wanted.size,
+            close_timeout: state.config.request_timeout,
         })
         // Another client opened one between our check and now.
         .map_err(|open| busy(&agent, &open))?;
@@ -271,7 +278,15 @@ pub async fn kill(
         reason: channel::REASON_KILLED,
         message: format!("session killed by {}", caller.user.name),
     });
-    let _ = tokio::time::timeout(state.config.request_timeout, live.wait_ended()).await;
+    let wait = state.config.request_timeout;
+    tokio::time::timeout(wait, live.wait_ended())
+        .await
+        .map_err(|_| {
+            ApiError::agent_timeout(format!(
+                "session {id} was told to end but had not ended within {}s",
+                wait.as_secs()
+            ))
+        })?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

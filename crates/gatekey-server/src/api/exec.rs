@@ -52,6 +52,7 @@ async fn stream_inner(state: AppState, reference: String, mut req: Request) -> A
             agent_id: target.node.id.clone(),
             command,
             size: None,
+            close_timeout: state.config.request_timeout,
         })
         .map_err(|_| ApiError::internal("exec sessions are never exclusive"))?;
     let v5 = up.protocol == Some(channel::V5);
