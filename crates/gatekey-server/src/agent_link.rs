@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +20,7 @@ use crate::api::error::{ApiError, ApiResult};
 use crate::registry::AgentConn;
 use crate::server::RemoteAddr;
 use crate::state::AppState;
-use crate::store::{AgentSeen, Node, now_ms};
+use crate::store::{AgentSeen, NewAuditRecord, Node, now_ms};
 use crate::ws::{self, ServerWs};
 use crate::{auth, secret};
 
@@ -44,12 +45,33 @@ pub async fn upgrade(State(state): State<AppState>, req: Request) -> Response {
     }
 }
 
-async fn upgrade_inner(state: AppState, mut req: Request) -> ApiResult<Response> {
+async fn upgrade_inner(state: AppState, req: Request) -> ApiResult<Response> {
     let addr = req
         .extensions()
         .get::<RemoteAddr>()
         .map(|a| a.0)
         .unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+    match upgrade_checked(&state, req, addr).await {
+        Err(e) if e.status == axum::http::StatusCode::UNAUTHORIZED => {
+            state
+                .audit_after(NewAuditRecord {
+                    remote_addr: Some(addr.to_string()),
+                    ..NewAuditRecord::new("auth.failed")
+                        .outcome("denied")
+                        .detail(serde_json::json!({"who": "agent", "reason": e.message}))
+                })
+                .await;
+            Err(e)
+        }
+        other => other,
+    }
+}
+
+async fn upgrade_checked(
+    state: &AppState,
+    mut req: Request,
+    addr: SocketAddr,
+) -> ApiResult<Response> {
     let token = auth::bearer(req.headers()).ok_or_else(|| {
         ApiError::unauthenticated("missing agent token: set `token` in the agent config")
     })?;
@@ -88,6 +110,7 @@ async fn upgrade_inner(state: AppState, mut req: Request) -> ApiResult<Response>
 
     let up = ws::prepare(&mut req, &[])?;
     let response = up.response();
+    let state = state.clone();
     tokio::spawn(async move {
         let config = WebSocketConfig::default()
             .read_buffer_size(8 * 1024)
@@ -241,6 +264,17 @@ async fn serve(state: AppState, node: Node, addr: SocketAddr, mut ws: ServerWs) 
         agent = %node.name, id = %node.id, r#type = node.node_type.as_str(), %addr,
         version = %hello.agent_version, sessions = hello.session_enabled, "agent connected"
     );
+    let connected = Instant::now();
+    state
+        .audit_after(
+            agent_record("agent.connected", &node, addr).detail(serde_json::json!({
+                "type": node.node_type.as_str(),
+                "version": hello.agent_version,
+                "hostname": hello.hostname,
+                "session_enabled": hello.session_enabled,
+            })),
+        )
+        .await;
 
     let reason = mux.closed().await;
     state.registry.remove_conn(&node.id, conn.conn_id);
@@ -248,4 +282,20 @@ async fn serve(state: AppState, node: Node, addr: SocketAddr, mut ws: ServerWs) 
         tracing::warn!(agent = %node.name, error = %e, "cannot record when the agent was last seen");
     }
     tracing::info!(agent = %node.name, %addr, "agent disconnected: {reason}");
+    state
+        .audit_after(
+            agent_record("agent.disconnected", &node, addr).detail(serde_json::json!({
+                "type": node.node_type.as_str(),
+                "reason": reason.to_string(),
+                "connected_for_ms": connected.elapsed().as_millis() as u64,
+            })),
+        )
+        .await;
+}
+
+fn agent_record(action: &str, node: &Node, addr: SocketAddr) -> NewAuditRecord {
+    NewAuditRecord {
+        remote_addr: Some(addr.to_string()),
+        ..NewAuditRecord::new(action).agent(&node.name)
+    }
 }

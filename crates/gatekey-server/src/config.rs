@@ -52,6 +52,17 @@ pub struct Config {
     /// client or agent whose host vanished is found even when it was silent
     /// (three probes 10 s apart). Zero turns keepalive off.
     pub tcp_keepalive: Duration,
+    /// What the audit log keeps of sessions: off, commands or full.
+    pub audit_capture: crate::audit::Capture,
+    /// With `audit_capture: full`, output bytes kept per session.
+    pub audit_output_limit: usize,
+    /// Audit records older than this are pruned (zero: kept forever).
+    pub audit_retention: Duration,
+    /// Lifetime of keys made by `POST /api/v1/login`.
+    pub login_key_ttl: Duration,
+    /// Origins besides the control plane's own allowed to open WebSockets
+    /// and to send cookie-authenticated changes (e.g. `https://ops.example.com`).
+    pub allowed_origins: Vec<String>,
     pub log_level: String,
 }
 
@@ -78,6 +89,11 @@ impl Default for Config {
             stream_window: gatekey_proto::limits::DEFAULT_WINDOW,
             max_connections: 100_000,
             tcp_keepalive: Duration::from_secs(30),
+            audit_capture: crate::audit::Capture::Commands,
+            audit_output_limit: 1024 * 1024,
+            audit_retention: Duration::ZERO,
+            login_key_ttl: Duration::from_secs(12 * 3600),
+            allowed_origins: vec![],
             log_level: "info".into(),
         }
     }
@@ -117,6 +133,13 @@ struct FileConfig {
     max_connections: Option<usize>,
     #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
     tcp_keepalive: Option<Duration>,
+    audit_capture: Option<String>,
+    audit_output_limit: Option<usize>,
+    #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
+    audit_retention: Option<Duration>,
+    #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
+    login_key_ttl: Option<Duration>,
+    allowed_origins: Option<Vec<String>>,
     log_level: Option<String>,
 }
 
@@ -157,10 +180,20 @@ impl Config {
             stream_window,
             max_connections,
             tcp_keepalive,
+            audit_output_limit,
+            audit_retention,
+            login_key_ttl,
             log_level
         );
         if let Some(v) = f.tls_san {
             self.tls_san = v;
+        }
+        if let Some(v) = f.allowed_origins {
+            self.allowed_origins = v;
+        }
+        if let Some(v) = f.audit_capture {
+            self.audit_capture =
+                parse_capture(&v).map_err(|e| format!("{}: {e}", path.display()))?;
         }
         macro_rules! set_opt {
             ($($k:ident),*) => { $( if f.$k.is_some() { self.$k = f.$k; } )* };
@@ -251,6 +284,26 @@ impl Config {
         if let Some(v) = num("GATEKEY_MAX_CONNECTIONS")? {
             self.max_connections = v as usize;
         }
+        if let Some(v) = lookup("GATEKEY_AUDIT_CAPTURE") {
+            self.audit_capture =
+                parse_capture(&v).map_err(|e| format!("GATEKEY_AUDIT_CAPTURE: {e}"))?;
+        }
+        if let Some(v) = num("GATEKEY_AUDIT_OUTPUT_LIMIT")? {
+            self.audit_output_limit = v as usize;
+        }
+        if let Some(v) = dur("GATEKEY_AUDIT_RETENTION")? {
+            self.audit_retention = v;
+        }
+        if let Some(v) = dur("GATEKEY_LOGIN_KEY_TTL")? {
+            self.login_key_ttl = v;
+        }
+        if let Some(v) = lookup("GATEKEY_ALLOWED_ORIGINS") {
+            self.allowed_origins = v
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
         if let Some(v) = lookup("GATEKEY_LOG_LEVEL") {
             self.log_level = v;
         }
@@ -280,6 +333,16 @@ impl Config {
         Ok(())
     }
 
+    /// Whether a browser page from `origin` may use this control plane.
+    pub fn origin_allowed(&self, origin: &str, own_host: Option<&str>) -> bool {
+        let origin = origin.trim_end_matches('/');
+        own_host.is_some_and(|h| origin.eq_ignore_ascii_case(&format!("https://{h}")))
+            || self
+                .allowed_origins
+                .iter()
+                .any(|o| o == "*" || o.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    }
+
     /// The database URL in effect.
     pub fn database_url(&self) -> String {
         self.database_url.clone().unwrap_or_else(|| {
@@ -289,6 +352,11 @@ impl Config {
             )
         })
     }
+}
+
+fn parse_capture(v: &str) -> Result<crate::audit::Capture, String> {
+    crate::audit::Capture::parse(v.trim())
+        .ok_or_else(|| format!("audit_capture must be off, commands or full, not {v:?}"))
 }
 
 #[cfg(test)]

@@ -5,10 +5,13 @@
 
 pub mod agent_link;
 pub mod api;
+pub mod audit;
 pub mod auth;
+pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod live;
+pub mod password;
 pub mod registry;
 pub mod relay;
 pub mod secret;

@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::relay::Command;
+use crate::store::NodeType;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -46,6 +47,10 @@ pub struct Live {
     pub kind: Kind,
     pub agent: String,
     pub agent_id: String,
+    pub node_type: NodeType,
+    /// Who opened it, and from where (for the closing audit record).
+    pub opened_by: String,
+    pub opened_from: Option<String>,
     pub command: Option<String>,
     pub started_at_ms: i64,
     /// Client → agent bytes (stdin).
@@ -152,6 +157,9 @@ pub struct NewSession {
     pub kind: Kind,
     pub agent: String,
     pub agent_id: String,
+    pub node_type: NodeType,
+    pub opened_by: String,
+    pub opened_from: Option<String>,
     pub command: Option<String>,
     pub size: Option<(u16, u16)>,
     /// Bounds telling a late joiner that the session has ended.
@@ -237,6 +245,9 @@ impl Sessions {
             kind: new.kind,
             agent: new.agent,
             agent_id: new.agent_id,
+            node_type: new.node_type,
+            opened_by: new.opened_by,
+            opened_from: new.opened_from,
             command: new.command,
             started_at_ms: now,
             bytes_in: AtomicU64::new(0),

@@ -26,8 +26,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::live::{Commands, Live, ParticipantInfo, Registration, Role, addr_string, now_ms};
+use crate::audit::{Capture, LineCapture, OutputCapture};
+use crate::live::{Commands, Kind, Live, ParticipantInfo, Registration, Role, addr_string, now_ms};
 use crate::session::exit_status;
+use crate::state::AppState;
+use crate::store::NewAuditRecord;
 use crate::ws::ServerWs;
 
 /// Most agent messages forwarded before one flush.
@@ -86,7 +89,10 @@ enum FromReader {
 }
 
 struct Relay {
+    state: AppState,
     live: Arc<Live>,
+    /// Output kept for the audit log (`audit_capture: full`).
+    output: Option<OutputCapture>,
     handle: StreamHandle,
     members: Vec<Member>,
     next_id: u64,
@@ -95,16 +101,24 @@ struct Relay {
 }
 
 /// Runs a session until the process ends, it is ended, or every client left.
+/// The handler has already recorded `session.opened`; the relay records
+/// joins, departures, typed lines and output as configured, and the end,
+/// each committed before the clients hear of it.
 pub async fn run(
+    state: AppState,
     registration: Registration,
     mut stream: Stream,
     first: Participant,
     mut commands: Commands,
-    timeouts: Timeouts,
 ) {
     let live = registration.live.clone();
+    let timeouts = state.session_timeouts(live.kind == Kind::Console);
     let (from_readers, mut reader_events) = mpsc::unbounded_channel();
+    let output = (state.config.audit_capture == Capture::Full)
+        .then(|| OutputCapture::new(state.config.audit_output_limit));
     let mut relay = Relay {
+        state: state.clone(),
+        output,
         live: live.clone(),
         handle: stream.handle(),
         members: Vec::new(),
@@ -131,6 +145,12 @@ pub async fn run(
                 Some(Command::End { .. }) | None => {
                     registration.unlist();
                     relay.handle.cancel("every client left").await;
+                    relay
+                        .record_end(&Status::failure(
+                            channel::REASON_CANCELLED,
+                            "every client left",
+                        ))
+                        .await;
                     return;
                 }
             }
@@ -155,6 +175,7 @@ pub async fn run(
                 {
                     let message = format!("the session reached its maximum duration of {}", human(max));
                     relay.handle.cancel(&message).await;
+                    relay.record_timeout("max_duration", &message).await;
                     break Status::failure(channel::REASON_MAX_DURATION, message);
                 }
                 if let Some(idle) = timeouts.idle {
@@ -162,6 +183,7 @@ pub async fn run(
                     if quiet >= idle.as_millis() as i64 {
                         let message = format!("the session was idle (no input or output) for {}", human(idle));
                         relay.handle.cancel(&message).await;
+                        relay.record_timeout("idle", &message).await;
                         break Status::failure(channel::REASON_IDLE_TIMEOUT, message);
                     }
                 }
@@ -190,6 +212,13 @@ pub async fn run(
                         }
                         live.bytes_out.fetch_add(consumed as u64, Ordering::Relaxed);
                         live.touch();
+                        if let Some(o) = &mut relay.output {
+                            for m in &batch {
+                                if let Message::Binary(b) = m {
+                                    o.feed(&b[1..]);
+                                }
+                            }
+                        }
                         if let Some((reason, message)) = broadcast_or_end(&mut relay, batch, &mut commands).await {
                             relay.handle.cancel(&message).await;
                             break Status::failure(reason, message);
@@ -210,6 +239,7 @@ pub async fn run(
                 FromReader::Gone { id, why } => {
                     if let Some(user) = relay.remove(id) {
                         tracing::info!(session = %live.id, %user, why, "client left the session");
+                        relay.record_left(&user, why).await;
                         if !relay.members.is_empty() {
                             relay.notice_all(&format!("{user} left")).await;
                         }
@@ -224,6 +254,7 @@ pub async fn run(
     // status.
     registration.unlist();
     drop(commands);
+    relay.record_end(&status).await;
     relay.finish(status).await;
 }
 
@@ -282,14 +313,26 @@ impl Relay {
         self.next_id += 1;
         let (tx, rx) = p.ws.split();
         let handle = (p.role == Role::Interactive).then(|| self.handle.clone());
+        let typed = (handle.is_some()
+            && self.live.kind == Kind::Console
+            && self.state.config.audit_capture != Capture::Off)
+            .then(|| TypedLines {
+                state: self.state.clone(),
+                capture: LineCapture::default(),
+                user: p.user.clone(),
+                addr: addr_string(p.addr),
+            });
         let reader = tokio::spawn(read_client(
-            id,
             rx,
-            handle,
-            self.live.clone(),
-            p.v5,
-            self.from_readers.clone(),
-            self.timeouts.heartbeat_timeout,
+            ClientReader {
+                id,
+                handle,
+                live: self.live.clone(),
+                v5: p.v5,
+                events: self.from_readers.clone(),
+                silence: self.timeouts.heartbeat_timeout,
+                typed,
+            },
         ));
         self.live
             .participants
@@ -307,6 +350,12 @@ impl Relay {
             Role::Observe => " (observe)",
         };
         if announce {
+            self.record(
+                NewAuditRecord::new("session.joined")
+                    .detail(serde_json::json!({"kind": self.live.kind, "mode": p.role})),
+                Some((&p.user, addr_string(p.addr))),
+            )
+            .await;
             self.notice_all(&format!("{} joined{role}", p.user)).await;
         }
         self.members.push(Member {
@@ -334,6 +383,74 @@ impl Relay {
             };
             self.notice(id, &text).await;
         }
+    }
+
+    /// Records something that happened in this session (already done, so
+    /// a storage failure is logged rather than undoing it).
+    async fn record(&self, record: NewAuditRecord, who: Option<(&str, Option<String>)>) {
+        let mut record = record.agent(&self.live.agent).session(&self.live.id);
+        if let Some((user, addr)) = who {
+            record.user = Some(user.to_string());
+            record.remote_addr = addr;
+        }
+        self.state.audit_after(record).await;
+    }
+
+    async fn record_left(&self, user: &str, why: &str) {
+        self.record(
+            NewAuditRecord::new("session.left")
+                .detail(serde_json::json!({"kind": self.live.kind, "why": why})),
+            Some((user, None)),
+        )
+        .await;
+    }
+
+    async fn record_timeout(&self, which: &str, message: &str) {
+        self.record(
+            NewAuditRecord::new("session.timed_out").detail(
+                serde_json::json!({"kind": self.live.kind, "timeout": which, "message": message}),
+            ),
+            None,
+        )
+        .await;
+    }
+
+    /// The captured output (with `full`) and the closing record, written
+    /// before the clients get their status.
+    async fn record_end(&mut self, status: &Status) {
+        if let Some(o) = self.output.take()
+            && !o.is_empty()
+        {
+            self.record(
+                NewAuditRecord::new("session.output").detail(o.detail()),
+                None,
+            )
+            .await;
+        }
+        let live = &self.live;
+        let detail = serde_json::json!({
+            "kind": live.kind,
+            "command": live.command,
+            "status": status.status,
+            "reason": status.reason,
+            "message": status.message,
+            "exit_code": status.exit_code(),
+            "duration_ms": now_ms() - live.started_at_ms,
+            "bytes_in": live.bytes_in.load(Ordering::Relaxed),
+            "bytes_out": live.bytes_out.load(Ordering::Relaxed),
+        });
+        let outcome = if status.status == "Success" || status.exit_code().is_some() {
+            "ok"
+        } else {
+            "failed"
+        };
+        self.record(
+            NewAuditRecord::new("session.closed")
+                .outcome(outcome)
+                .detail(detail),
+            Some((&live.opened_by, live.opened_from.clone())),
+        )
+        .await;
     }
 
     /// Removes a member; returns its user when it was there.
@@ -467,18 +584,32 @@ fn notice_message(text: &str) -> Message {
     Message::Binary(Bytes::from(b))
 }
 
-/// Client → agent: stdin (waiting for credit, so a fast client is slowed by
-/// TCP backpressure rather than buffered), resize, and stdin EOF (once).
-/// Observers have no `handle`: their input is refused.
-async fn read_client(
+/// What a client's reader works with.
+struct ClientReader {
     id: u64,
-    mut rx: SplitStream<ServerWs>,
+    /// None for observers.
     handle: Option<StreamHandle>,
     live: Arc<Live>,
     v5: bool,
     events: mpsc::UnboundedSender<FromReader>,
+    /// Silence after which the client is considered gone.
     silence: Duration,
-) {
+    typed: Option<TypedLines>,
+}
+
+/// Client → agent: stdin (waiting for credit, so a fast client is slowed by
+/// TCP backpressure rather than buffered), resize, and stdin EOF (once).
+/// Observers have no `handle`: their input is refused.
+async fn read_client(mut rx: SplitStream<ServerWs>, reader: ClientReader) {
+    let ClientReader {
+        id,
+        handle,
+        live,
+        v5,
+        events,
+        silence,
+        mut typed,
+    } = reader;
     let gone = |why| {
         let _ = events.send(FromReader::Gone { id, why });
     };
@@ -515,6 +646,12 @@ async fn read_client(
                 live.bytes_in
                     .fetch_add(data.len() as u64 - 1, Ordering::Relaxed);
                 live.touch();
+                // A typed line is on record before the remote shell sees its Enter.
+                if let Some(t) = &mut typed
+                    && !t.record(&live, &data[1..]).await
+                {
+                    return gone("its input could not be written to the audit log");
+                }
                 // While waiting for credit, read one message ahead so that a
                 // client that closes (Ctrl-C) is noticed even though the
                 // remote process is not reading its stdin.
@@ -549,6 +686,34 @@ async fn read_client(
             // The stream ended on the agent's side; its final event is on the way.
             return;
         }
+    }
+}
+
+/// Console input turned into `session.input` records.
+struct TypedLines {
+    state: AppState,
+    capture: LineCapture,
+    user: String,
+    addr: Option<String>,
+}
+
+impl TypedLines {
+    /// Records the lines this input completes; false when the log refused.
+    async fn record(&mut self, live: &Live, input: &[u8]) -> bool {
+        for line in self.capture.feed(input) {
+            let record = NewAuditRecord {
+                user: Some(self.user.clone()),
+                remote_addr: self.addr.clone(),
+                ..NewAuditRecord::new("session.input")
+                    .agent(&live.agent)
+                    .session(&live.id)
+                    .detail(serde_json::json!({"line": line}))
+            };
+            if self.state.audit(record).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 }
 

@@ -59,6 +59,7 @@ impl Server {
             registry: Registry::default(),
             sessions: Default::default(),
         });
+        tokio::spawn(crate::audit::retention(state.clone()));
         Ok(Server {
             state,
             listener,
@@ -160,10 +161,13 @@ async fn bootstrap_admin(store: &Store, config: &Config) -> Result<Option<String
         return Ok(None);
     }
     let user = User {
-        id: secret::random_hex(8),
+        id: format!("u_{}", secret::random_hex(8)),
         name: "admin".into(),
         role: "admin".into(),
+        scopes: vec![],
+        password_hash: None,
         created_at: now_ms(),
+        updated_at: now_ms(),
     };
     store.create_user(&user).await?;
     let key = secret::generate(secret::API_KEY_PREFIX);
@@ -173,9 +177,20 @@ async fn bootstrap_admin(store: &Store, config: &Config) -> Result<Option<String
             user_id: user.id,
             name: "bootstrap".into(),
             key_hash: key.hash,
+            scopes: vec![],
+            kind: "api".into(),
             created_at: now_ms(),
             expires_at: None,
             revoked_at: None,
+            last_used_at: None,
+        })
+        .await?;
+    store
+        .append_audit(&crate::store::NewAuditRecord {
+            user: Some("admin".into()),
+            ..crate::store::NewAuditRecord::new("user.created").detail(serde_json::json!({
+                "name": "admin", "role": "admin", "scopes": [], "bootstrap": true,
+            }))
         })
         .await?;
     let path = config.data_dir.join("admin-token");

@@ -10,8 +10,12 @@ use gatekey_proto::names;
 
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::format_time;
+use crate::auth::Caller;
+use crate::authz::{self, Action};
+use crate::live::{Kind, Live};
 use crate::registry::AgentConn;
 use crate::state::AppState;
+use crate::store::NewAuditRecord;
 use crate::store::Node;
 
 /// A connected agent that may run sessions.
@@ -21,14 +25,27 @@ pub struct Target {
 }
 
 /// Resolves a node name or id to a connected agent whose sessions are allowed
-/// on both sides.
-pub async fn resolve(state: &AppState, reference: &str) -> ApiResult<Target> {
+/// on both sides, once the caller is known to be allowed `action` on it (so
+/// a refused caller learns nothing about the node's state).
+pub async fn resolve(
+    state: &AppState,
+    caller: &Caller,
+    action: Action,
+    reference: &str,
+) -> ApiResult<Target> {
     names::validate("agent name or id", reference).map_err(ApiError::invalid)?;
     let node = state.store.find_node(reference).await?.ok_or_else(|| {
         ApiError::not_found(format!(
             "no agent named or with id {reference:?}: see `gatekey-admin session list`"
         ))
     })?;
+    state
+        .authorize(
+            caller,
+            action,
+            Some(authz::Target::Node(node.node_type, &node.name)),
+        )
+        .await?;
     let Some(conn) = state.registry.get(&node.id) else {
         let when = match node.last_seen_at {
             Some(t) => format!(
@@ -112,6 +129,70 @@ pub async fn open_exec(
                 ApiError::not_connected(format!("agent {name} went away: {r}"))
             }
         })
+}
+
+/// Records `session.opened`; the session must not start unless it is written.
+pub async fn record_opened(
+    state: &AppState,
+    caller: &Caller,
+    live: &Live,
+    mode: &str,
+) -> ApiResult<()> {
+    state
+        .audit(
+            NewAuditRecord::new("session.opened")
+                .by(caller)
+                .agent(&live.agent)
+                .session(&live.id)
+                .detail(serde_json::json!({
+                    "kind": live.kind,
+                    "mode": mode,
+                    "command": live.command,
+                })),
+        )
+        .await
+}
+
+/// Records that a session recorded as opened could not start.
+pub async fn record_open_failed(state: &AppState, caller: &Caller, live: &Live, error: &ApiError) {
+    state
+        .audit_after(
+            NewAuditRecord::new("session.closed")
+                .by(caller)
+                .outcome("failed")
+                .agent(&live.agent)
+                .session(&live.id)
+                .detail(serde_json::json!({
+                    "kind": live.kind,
+                    "command": live.command,
+                    "reason": error.code,
+                    "message": error.message,
+                    "duration_ms": crate::store::now_ms() - live.started_at_ms,
+                })),
+        )
+        .await
+}
+
+/// What a new session on `target` looks like in the live table.
+pub fn new_session(
+    state: &AppState,
+    caller: &Caller,
+    target: &Target,
+    kind: Kind,
+    command: Option<String>,
+    size: Option<(u16, u16)>,
+) -> crate::live::NewSession {
+    crate::live::NewSession {
+        kind,
+        agent: target.node.name.clone(),
+        agent_id: target.node.id.clone(),
+        node_type: target.node.node_type,
+        opened_by: caller.user.name.clone(),
+        opened_from: caller.addr.map(|a| a.to_string()),
+        command,
+        size,
+        close_timeout: state.config.request_timeout,
+    }
 }
 
 /// Builds an exec request from a shell command line.

@@ -4,12 +4,12 @@ use std::collections::HashMap;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ApiResult};
 use super::format_time;
-use crate::auth::authenticate;
+use crate::auth::Caller;
+use crate::authz::{Action, Target};
 use crate::registry::AgentConn;
 use crate::state::AppState;
 use crate::store::Node;
@@ -71,10 +71,10 @@ pub struct ListQuery {
 
 pub async fn list(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    authenticate(&state, &headers).await?;
+    state.authorize(&caller, Action::List, None).await?;
     let nodes = state.store.list_nodes(None).await?;
     let conns: HashMap<String, _> = state
         .registry
@@ -84,6 +84,7 @@ pub async fn list(
         .collect();
     let items: Vec<AgentView> = nodes
         .iter()
+        .filter(|n| caller.reach.allows(Target::Node(n.node_type, &n.name)))
         .map(|n| AgentView::new(n, conns.get(&n.id).map(|c| &**c)))
         .filter(|a| !q.connected.unwrap_or(false) || a.connected)
         .collect();
@@ -92,14 +93,20 @@ pub async fn list(
 
 pub async fn get(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(reference): Path<String>,
 ) -> ApiResult<Json<AgentView>> {
-    authenticate(&state, &headers).await?;
     let node =
         state.store.find_node(&reference).await?.ok_or_else(|| {
             ApiError::not_found(format!("no agent named or with id {reference:?}"))
         })?;
+    state
+        .authorize(
+            &caller,
+            Action::List,
+            Some(Target::Node(node.node_type, &node.name)),
+        )
+        .await?;
     let conn = state.registry.get(&node.id);
     Ok(Json(AgentView::new(&node, conn.as_deref())))
 }

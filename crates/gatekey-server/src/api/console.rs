@@ -8,7 +8,7 @@
 
 use axum::Json;
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use gatekey_proto::channel::{self, Metadata, TerminalSize};
 use gatekey_proto::limits;
@@ -16,11 +16,13 @@ use gatekey_proto::link::Exec;
 
 use super::error::{ApiError, ApiResult};
 use super::exec::{client_ws_config, exec_display};
-use crate::auth::authenticate;
-use crate::live::{Kind, Live, NewSession, Role};
+use crate::auth::{Caller, authenticate, check_origin};
+use crate::authz::{Action, Target};
+use crate::live::{Kind, Live, Role};
 use crate::relay::{self, Command, Participant};
 use crate::server::RemoteAddr;
 use crate::state::AppState;
+use crate::store::NewAuditRecord;
 use crate::{session, ws};
 
 /// How the client wants to share.
@@ -55,11 +57,12 @@ async fn console_inner(
     reference: String,
     mut req: Request,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&state, req.headers()).await?;
+    let addr = req.extensions().get::<RemoteAddr>().map(|a| a.0);
+    let caller = authenticate(&state, req.headers(), addr).await?;
+    check_origin(&state, req.headers(), &caller, false).await?;
     let wanted = parse_query(req.uri().query().unwrap_or(""))?;
     let up = ws::prepare(&mut req, &channel::PROTOCOLS)?;
-    let addr = req.extensions().get::<RemoteAddr>().map(|a| a.0);
-    let target = session::resolve(&state, &reference).await?;
+    let target = session::resolve(&state, &caller, Action::Console, &reference).await?;
     let user = caller.user.name.clone();
     let v5 = up.protocol == Some(channel::V5);
     let agent = target.node.name.clone();
@@ -100,7 +103,7 @@ async fn console_inner(
                 });
                 return Ok(response);
             }
-            (Mode::Exclusive, true) => take_over(&state, &open, &user).await?,
+            (Mode::Exclusive, true) => take_over(&state, &open, &caller).await?,
             (Mode::Exclusive, false) => return Err(busy(&agent, &open)),
         }
     } else if wanted.mode == Mode::Observe {
@@ -109,22 +112,31 @@ async fn console_inner(
         )));
     }
 
+    let command = (!wanted.exec.argv.is_empty() || !wanted.exec.shell_command.is_empty())
+        .then(|| exec_display(&wanted.exec));
     let (registration, commands) = state
         .sessions
-        .register(NewSession {
-            kind: Kind::Console,
-            agent: agent.clone(),
-            agent_id: target.node.id.clone(),
-            command: (!wanted.exec.argv.is_empty()).then(|| exec_display(&wanted.exec)),
-            size: wanted.size,
-            close_timeout: state.config.request_timeout,
-        })
+        .register(session::new_session(
+            &state,
+            &caller,
+            &target,
+            Kind::Console,
+            command,
+            wanted.size,
+        ))
         // Another client opened one between our check and now.
         .map_err(|open| busy(&agent, &open))?;
-    let (stream, accept) = session::open_exec(&state, &target, wanted.exec, &user).await?;
-    tracing::info!(%agent, %user, pid = accept.pid, session = %registration.live.id, "console opened");
+    let live = registration.live.clone();
+    session::record_opened(&state, &caller, &live, "exclusive").await?;
+    let (stream, accept) = match session::open_exec(&state, &target, wanted.exec, &user).await {
+        Ok(x) => x,
+        Err(e) => {
+            session::record_open_failed(&state, &caller, &live, &e).await;
+            return Err(e);
+        }
+    };
+    tracing::info!(%agent, %user, pid = accept.pid, session = %live.id, "console opened");
     let response = up.response();
-    let timeouts = state.session_timeouts(true);
     tokio::spawn(async move {
         match up.into_ws(client_ws_config()).await {
             Ok(ws) => {
@@ -135,17 +147,31 @@ async fn console_inner(
                     ws,
                     v5,
                 };
-                relay::run(registration, stream, first, commands, timeouts).await
+                relay::run(state, registration, stream, first, commands).await
             }
-            Err(e) => tracing::warn!(error = %e, "console WebSocket upgrade failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "console WebSocket upgrade failed");
+                let e = ApiError::internal(format!("the WebSocket upgrade failed: {e}"));
+                session::record_open_failed(&state, &caller, &live, &e).await;
+            }
         }
     });
     Ok(response)
 }
 
 /// Ends `open`, telling its participants who took over, and waits for it to go.
-async fn take_over(state: &AppState, open: &Live, user: &str) -> ApiResult<()> {
+async fn take_over(state: &AppState, open: &Live, caller: &Caller) -> ApiResult<()> {
+    let user = &caller.user.name;
     tracing::info!(session = %open.id, agent = %open.agent, %user, "console taken over");
+    state
+        .audit(
+            NewAuditRecord::new("session.taken_over")
+                .by(caller)
+                .agent(&open.agent)
+                .session(&open.id)
+                .detail(serde_json::json!({"kind": open.kind, "from": open.holders()})),
+        )
+        .await?;
     let _ = open.command(Command::End {
         reason: channel::REASON_TAKEN_OVER,
         message: format!("{user} took over this console"),
@@ -254,25 +280,50 @@ fn parse_query(query: &str) -> ApiResult<ConsoleRequest> {
 /// `GET /api/v1/sessions`
 pub async fn list(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> ApiResult<Json<serde_json::Value>> {
-    authenticate(&state, &headers).await?;
-    let sessions: Vec<_> = state.sessions.list().iter().map(|l| l.snapshot()).collect();
+    state.authorize(&caller, Action::List, None).await?;
+    let sessions: Vec<_> = state
+        .sessions
+        .list()
+        .iter()
+        .filter(|l| caller.reach.allows(Target::Node(l.node_type, &l.agent)))
+        .map(|l| l.snapshot())
+        .collect();
     Ok(Json(serde_json::json!({ "sessions": sessions })))
 }
 
 /// `DELETE /api/v1/sessions/{id}`
 pub async fn kill(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let caller = authenticate(&state, &headers).await?;
-    let live = state.sessions.get(&id).ok_or_else(|| {
-        ApiError::not_found(format!(
-            "no live session {id:?}: see `gatekey-admin session active`"
-        ))
-    })?;
+    let live = state
+        .sessions
+        .get(&id)
+        .filter(|l| caller.reach.allows(Target::Node(l.node_type, &l.agent)))
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no live session {id:?}: see `gatekey-admin session active`"
+            ))
+        })?;
+    state
+        .authorize(
+            &caller,
+            Action::KillSession,
+            Some(Target::Node(live.node_type, &live.agent)),
+        )
+        .await?;
+    state
+        .audit(
+            NewAuditRecord::new("session.killed")
+                .by(&caller)
+                .agent(&live.agent)
+                .session(&live.id)
+                .detail(serde_json::json!({"kind": live.kind, "users": live.holders()})),
+        )
+        .await?;
     tracing::info!(session = %live.id, agent = %live.agent, user = %caller.user.name, "session killed");
     let _ = live.command(Command::End {
         reason: channel::REASON_KILLED,

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{Path, Request, State};
-use axum::http::HeaderMap;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use gatekey_proto::channel::{self, Metadata};
@@ -13,14 +13,18 @@ use gatekey_proto::limits;
 use gatekey_proto::link::{CH_STDERR, CH_STDIN, CH_STDOUT, Exec, exit};
 use gatekey_proto::mux::Event;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::Ordering;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::error::{ApiError, ApiResult};
-use crate::auth::authenticate;
-use crate::live::{Kind, NewSession, Role};
-use crate::relay::{self, Participant};
+use crate::audit::{Capture, OutputCapture};
+use crate::auth::{Caller, authenticate, check_origin};
+use crate::authz::Action;
+use crate::live::{Kind, Role};
+use crate::relay::{self, Command, Participant};
 use crate::server::RemoteAddr;
 use crate::state::AppState;
+use crate::store::NewAuditRecord;
 use crate::{session, ws};
 
 /// `GET /ws/v1/agents/{ref}/exec?metadata=…`
@@ -36,42 +40,54 @@ pub async fn stream(
 }
 
 async fn stream_inner(state: AppState, reference: String, mut req: Request) -> ApiResult<Response> {
-    let caller = authenticate(&state, req.headers()).await?;
+    let addr = req.extensions().get::<RemoteAddr>().map(|a| a.0);
+    let caller = authenticate(&state, req.headers(), addr).await?;
+    check_origin(&state, req.headers(), &caller, false).await?;
     let exec = exec_from_query(req.uri().query().unwrap_or(""))?;
     let up = ws::prepare(&mut req, &channel::PROTOCOLS)?;
-    let addr = req.extensions().get::<RemoteAddr>().map(|a| a.0);
-    let target = session::resolve(&state, &reference).await?;
+    let target = session::resolve(&state, &caller, Action::Exec, &reference).await?;
     let command = Some(exec_display(&exec));
-    let (stream, accept) = session::open_exec(&state, &target, exec, &caller.user.name).await?;
-    tracing::info!(agent = %target.node.name, user = %caller.user.name, pid = accept.pid, stream = stream.id(), "exec session opened");
     let (registration, commands) = state
         .sessions
-        .register(NewSession {
-            kind: Kind::Exec,
-            agent: target.node.name.clone(),
-            agent_id: target.node.id.clone(),
+        .register(session::new_session(
+            &state,
+            &caller,
+            &target,
+            Kind::Exec,
             command,
-            size: None,
-            close_timeout: state.config.request_timeout,
-        })
+            None,
+        ))
         .map_err(|_| ApiError::internal("exec sessions are never exclusive"))?;
+    let live = registration.live.clone();
+    session::record_opened(&state, &caller, &live, "exclusive").await?;
+    let (stream, accept) = match session::open_exec(&state, &target, exec, &caller.user.name).await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            session::record_open_failed(&state, &caller, &live, &e).await;
+            return Err(e);
+        }
+    };
+    tracing::info!(agent = %target.node.name, user = %caller.user.name, pid = accept.pid, session = %live.id, "exec session opened");
     let v5 = up.protocol == Some(channel::V5);
     let response = up.response();
-    let timeouts = state.session_timeouts(false);
-    let user = caller.user.name.clone();
     tokio::spawn(async move {
         match up.into_ws(client_ws_config()).await {
             Ok(ws) => {
                 let first = Participant {
-                    user,
+                    user: caller.user.name.clone(),
                     role: Role::Interactive,
                     addr,
                     ws,
                     v5,
                 };
-                relay::run(registration, stream, first, commands, timeouts).await
+                relay::run(state, registration, stream, first, commands).await
             }
-            Err(e) => tracing::warn!(error = %e, "exec WebSocket upgrade failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "exec WebSocket upgrade failed");
+                let e = ApiError::internal(format!("the WebSocket upgrade failed: {e}"));
+                session::record_open_failed(&state, &caller, &live, &e).await;
+            }
         }
     });
     Ok(response)
@@ -168,16 +184,35 @@ pub struct ExecResponse {
 /// `POST /api/v1/agents/{ref}/exec`
 pub async fn oneshot(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(reference): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<ExecResponse>> {
-    let caller = authenticate(&state, &headers).await?;
     let req: ExecRequest = super::error::parse_body(&body)?;
     let exec = session::shell_exec(&req.command, req.timeout_seconds, req.stdin.is_some())?;
-    let target = session::resolve(&state, &reference).await?;
+    let target = session::resolve(&state, &caller, Action::Exec, &reference).await?;
+    // In the live table like any session, so `session kill` can end it.
+    let (registration, mut commands) = state
+        .sessions
+        .register(session::new_session(
+            &state,
+            &caller,
+            &target,
+            Kind::Exec,
+            Some(req.command.clone()),
+            None,
+        ))
+        .map_err(|_| ApiError::internal("exec sessions are never exclusive"))?;
+    let live = registration.live.clone();
+    session::record_opened(&state, &caller, &live, "oneshot").await?;
     let started = Instant::now();
-    let (mut stream, _) = session::open_exec(&state, &target, exec, &caller.user.name).await?;
+    let (mut stream, _) = match session::open_exec(&state, &target, exec, &caller.user.name).await {
+        Ok(x) => x,
+        Err(e) => {
+            session::record_open_failed(&state, &caller, &live, &e).await;
+            return Err(e);
+        }
+    };
 
     // Feed stdin concurrently: it may wait for credit while output must keep draining.
     let feeder = req.stdin.map(|input| {
@@ -196,9 +231,23 @@ pub async fn oneshot(
     let mut out = ExecResponse::default();
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let collect = async {
-        while let Some(event) = stream.next().await {
+        loop {
+            let event = tokio::select! {
+                event = stream.next() => match event {
+                    Some(e) => e,
+                    None => break,
+                },
+                Some(command) = commands.recv() => {
+                    if let Command::End { message, .. } = command {
+                        stream.handle().cancel(&message).await;
+                        return Err(ApiError::new(StatusCode::CONFLICT, "session_ended", message));
+                    }
+                    continue;
+                }
+            };
             match event {
                 Event::Data(d) => {
+                    live.bytes_out.fetch_add(d.len() as u64, Ordering::Relaxed);
                     let (buf, truncated) = match d.channel() {
                         CH_STDOUT => (&mut stdout, &mut out.stdout_truncated),
                         CH_STDERR => (&mut stderr, &mut out.stderr_truncated),
@@ -245,10 +294,42 @@ pub async fn oneshot(
     if let Some(f) = feeder {
         f.abort();
     }
-    result?;
     out.duration_ms = started.elapsed().as_millis() as u64;
     out.stdout = String::from_utf8_lossy(&stdout).into_owned();
     out.stderr = String::from_utf8_lossy(&stderr).into_owned();
+    let mut detail = serde_json::json!({
+        "kind": "exec",
+        "command": req.command,
+        "exit_code": out.exit_code,
+        "signal": out.signal,
+        "timed_out": out.timed_out,
+        "duration_ms": out.duration_ms,
+        "bytes_in": live.bytes_in.load(Ordering::Relaxed),
+        "bytes_out": live.bytes_out.load(Ordering::Relaxed),
+    });
+    if let Err(e) = &result {
+        detail["reason"] = e.code.into();
+        detail["message"] = e.message.clone().into();
+    } else if state.config.audit_capture == Capture::Full {
+        let cap = state.config.audit_output_limit;
+        let mut o = OutputCapture::new(cap);
+        o.feed(&stdout);
+        o.feed(&stderr);
+        detail["output"] = o.detail()["output"].clone();
+    }
+    // On record before the caller hears the result.
+    state
+        .audit(
+            NewAuditRecord::new("session.closed")
+                .by(&caller)
+                .outcome(if result.is_ok() { "ok" } else { "failed" })
+                .agent(&live.agent)
+                .session(&live.id)
+                .detail(detail),
+        )
+        .await?;
+    drop(registration);
+    result?;
     tracing::info!(agent = %target.node.name, user = %caller.user.name, exit = ?out.exit_code, "one-shot exec finished");
     Ok(Json(out))
 }

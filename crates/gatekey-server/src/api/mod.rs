@@ -2,9 +2,11 @@
 //! See docs/api.md.
 
 pub mod agents;
+pub mod audit;
 pub mod console;
 pub mod error;
 pub mod exec;
+pub mod identity;
 pub mod nodes;
 
 use axum::Router;
@@ -31,6 +33,30 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/sessions/{id}",
             axum::routing::delete(console::kill),
         )
+        .route(
+            "/api/v1/users",
+            get(identity::list_users).post(identity::create_user),
+        )
+        .route(
+            "/api/v1/users/{name}",
+            get(identity::get_user)
+                .patch(identity::update_user)
+                .delete(identity::delete_user),
+        )
+        .route(
+            "/api/v1/apikeys",
+            get(identity::list_keys).post(identity::create_key),
+        )
+        .route(
+            "/api/v1/apikeys/{id}",
+            axum::routing::delete(identity::revoke_key),
+        )
+        .route("/api/v1/whoami", get(identity::whoami))
+        .route("/api/v1/login", axum::routing::post(identity::login))
+        .route("/api/v1/logout", axum::routing::post(identity::logout))
+        .route("/api/v1/audit", get(audit::list))
+        .route("/api/v1/audit/verify", get(audit::verify))
+        .route("/api/v1/audit/export", get(audit::export))
         .route("/ws/agent", get(agent_link::upgrade))
         .nest("/api/v1/gateways", nodes::routes(NodeType::Gateway))
         .nest("/api/v1/mesh/hubs", nodes::routes(NodeType::Hub))

@@ -3,7 +3,7 @@
 //! token, shown once.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use gatekey_proto::names;
@@ -12,30 +12,29 @@ use serde::{Deserialize, Serialize};
 use super::error::{ApiError, ApiResult, parse_body};
 use super::format_time;
 use crate::agent_link::close;
-use crate::auth::authenticate;
+use crate::auth::Caller;
+use crate::authz::{Action, Target};
 use crate::secret;
 use crate::state::AppState;
-use crate::store::{Node, NodeType, now_ms};
+use crate::store::{NewAuditRecord, Node, NodeType, now_ms};
 use bytes::Bytes;
 
 pub fn routes(t: NodeType) -> Router<AppState> {
     Router::new()
         .route(
             "/",
-            get(move |s: State<AppState>, h: HeaderMap| list(t, s, h))
-                .post(move |s: State<AppState>, h: HeaderMap, b: Bytes| create(t, s, h, b)),
+            get(move |s: State<AppState>, c: Caller| list(t, s, c))
+                .post(move |s: State<AppState>, c: Caller, b: Bytes| create(t, s, c, b)),
         )
         .route(
             "/{reference}",
-            get(move |s: State<AppState>, h: HeaderMap, p: Path<String>| get_one(t, s, h, p))
+            get(move |s: State<AppState>, c: Caller, p: Path<String>| get_one(t, s, c, p))
                 .patch(
-                    move |s: State<AppState>, h: HeaderMap, p: Path<String>, b: Bytes| {
-                        update(t, s, h, p, b)
+                    move |s: State<AppState>, c: Caller, p: Path<String>, b: Bytes| {
+                        update(t, s, c, p, b)
                     },
                 )
-                .delete(move |s: State<AppState>, h: HeaderMap, p: Path<String>| {
-                    delete(t, s, h, p)
-                }),
+                .delete(move |s: State<AppState>, c: Caller, p: Path<String>| delete(t, s, c, p)),
         )
 }
 
@@ -102,10 +101,10 @@ async fn find(t: NodeType, state: &AppState, reference: &str) -> ApiResult<Node>
 async fn create(
     t: NodeType,
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<NodeView>)> {
-    authenticate(&state, &headers).await?;
+    state.authorize(&caller, Action::ManageNodes, None).await?;
     let req: CreateNode = parse_body(&body)?;
     names::validate("name", &req.name).map_err(ApiError::invalid)?;
     let id = match req.id {
@@ -133,6 +132,14 @@ async fn create(
         agent_session_enabled: None,
     };
     state.store.create_node(&node).await?;
+    state
+        .audit(
+            NewAuditRecord::new("node.created")
+                .by(&caller)
+                .agent(&node.name)
+                .detail(serde_json::json!({"type": t.as_str(), "id": node.id, "session_enabled": node.session_enabled})),
+        )
+        .await?;
     tracing::info!(node = %node.name, id = %node.id, r#type = t.as_str(), "node created");
     let mut v = view(&state, &node);
     v.token = Some(token.token);
@@ -142,14 +149,15 @@ async fn create(
 async fn list(
     t: NodeType,
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> ApiResult<Json<serde_json::Value>> {
-    authenticate(&state, &headers).await?;
+    state.authorize(&caller, Action::List, None).await?;
     let items: Vec<NodeView> = state
         .store
         .list_nodes(Some(t))
         .await?
         .iter()
+        .filter(|n| caller.reach.allows(Target::Node(n.node_type, &n.name)))
         .map(|n| view(&state, n))
         .collect();
     Ok(Json(serde_json::json!({ "items": items })))
@@ -158,26 +166,36 @@ async fn list(
 async fn get_one(
     t: NodeType,
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(reference): Path<String>,
 ) -> ApiResult<Json<NodeView>> {
-    authenticate(&state, &headers).await?;
     let node = find(t, &state, &reference).await?;
+    state
+        .authorize(&caller, Action::List, Some(Target::Node(t, &node.name)))
+        .await?;
     Ok(Json(view(&state, &node)))
 }
 
 async fn update(
     t: NodeType,
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(reference): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<NodeView>> {
-    authenticate(&state, &headers).await?;
+    state.authorize(&caller, Action::ManageNodes, None).await?;
     let req: UpdateNode = parse_body(&body)?;
     let mut node = find(t, &state, &reference).await?;
     if let Some(enabled) = req.session_enabled {
         state.store.set_node_session(&node.id, enabled).await?;
+        state
+            .audit(
+                NewAuditRecord::new("node.updated")
+                    .by(&caller)
+                    .agent(&node.name)
+                    .detail(serde_json::json!({"type": t.as_str(), "session_enabled": enabled, "was": node.session_enabled})),
+            )
+            .await?;
         node.session_enabled = enabled;
         tracing::info!(node = %node.name, id = %node.id, enabled, "control-plane session switch changed");
     }
@@ -187,12 +205,20 @@ async fn update(
 async fn delete(
     t: NodeType,
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(reference): Path<String>,
 ) -> ApiResult<StatusCode> {
-    authenticate(&state, &headers).await?;
+    state.authorize(&caller, Action::ManageNodes, None).await?;
     let node = find(t, &state, &reference).await?;
     state.store.delete_node(&node.id).await?;
+    state
+        .audit(
+            NewAuditRecord::new("node.deleted")
+                .by(&caller)
+                .agent(&node.name)
+                .detail(serde_json::json!({"type": t.as_str(), "id": node.id})),
+        )
+        .await?;
     if let Some(conn) = state.registry.remove(&node.id) {
         conn.mux
             .close(close::NODE_DELETED, "node deleted on the control plane");

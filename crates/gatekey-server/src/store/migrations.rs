@@ -6,9 +6,10 @@ use sqlx::AnyPool;
 
 use super::{Result, StoreError, now_ms};
 
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE nodes (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE nodes (
         id TEXT PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,
         node_type TEXT NOT NULL,
@@ -39,7 +40,40 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         revoked_at BIGINT
     );
     CREATE INDEX api_keys_user ON api_keys(user_id);",
-)];
+    ),
+    (
+        2,
+        // Roles with scopes, passwords, key scopes and login keys; the
+        // hash-chained audit log and the anchor that retention leaves.
+        "ALTER TABLE users ADD COLUMN scopes TEXT NOT NULL DEFAULT '';
+    ALTER TABLE users ADD COLUMN password_hash TEXT;
+    ALTER TABLE users ADD COLUMN updated_at BIGINT;
+    ALTER TABLE api_keys ADD COLUMN scopes TEXT NOT NULL DEFAULT '';
+    ALTER TABLE api_keys ADD COLUMN kind TEXT NOT NULL DEFAULT 'api';
+    ALTER TABLE api_keys ADD COLUMN last_used_at BIGINT;
+    CREATE TABLE audit_log (
+        seq BIGINT PRIMARY KEY,
+        at BIGINT NOT NULL,
+        action TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        user_name TEXT,
+        remote_addr TEXT,
+        agent TEXT,
+        session_id TEXT,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_log_at ON audit_log(at);
+    CREATE INDEX audit_log_action ON audit_log(action);
+    CREATE TABLE audit_anchor (
+        id BIGINT PRIMARY KEY,
+        seq BIGINT NOT NULL,
+        hash TEXT NOT NULL,
+        at BIGINT NOT NULL
+    )",
+    ),
+];
 
 pub async fn run(pool: &AnyPool) -> Result<()> {
     sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)")

@@ -1,10 +1,13 @@
-//! Persistent state: nodes (agents and their tokens), users and API keys.
+//! Persistent state: nodes (agents and their tokens), users and API keys,
+//! and the audit log.
 //!
 //! One implementation over sqlx's `Any` driver serves SQLite (the embedded
 //! default: WAL, created if missing) and PostgreSQL (clusters). The schema
 //! uses only types both share (TEXT, BIGINT), timestamps are Unix
 //! milliseconds, booleans are 0/1.
 
+mod audit;
+mod identity;
 mod migrations;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -112,28 +115,16 @@ pub struct AgentSeen<'a> {
     pub session_enabled: bool,
 }
 
-#[derive(Clone, Debug)]
-pub struct User {
-    pub id: String,
-    pub name: String,
-    pub role: String,
-    pub created_at: i64,
-}
-
-#[derive(Clone, Debug)]
-pub struct ApiKey {
-    pub id: String,
-    pub user_id: String,
-    pub name: String,
-    pub key_hash: String,
-    pub created_at: i64,
-    pub expires_at: Option<i64>,
-    pub revoked_at: Option<i64>,
-}
+pub use audit::{AuditFilter, AuditRecord, NewAuditRecord, Verification};
+pub use identity::{ApiKey, User};
 
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Serialises this process's audit appends (other replicas are kept in
+    /// one chain by the primary key on `seq`, with a retry).
+    audit_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    sqlite: bool,
 }
 
 const NODE_COLUMNS: &str = "id, name, node_type, token_lookup, token_hash, session_enabled, created_at, updated_at, \
@@ -168,13 +159,28 @@ impl Store {
             })
             .connect(url)
             .await?;
-        let store = Store { pool };
+        let store = Store {
+            pool,
+            audit_lock: Default::default(),
+            sqlite,
+        };
         migrations::run(&store.pool).await?;
         Ok(store)
     }
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// A transaction that reads and then writes. SQLite must take the write
+    /// lock up front: upgrading a read snapshot after another connection
+    /// wrote fails at once (SQLITE_BUSY_SNAPSHOT) instead of waiting.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(if self.sqlite {
+            self.pool.begin_with("BEGIN IMMEDIATE").await?
+        } else {
+            self.pool.begin().await?
+        })
     }
 
     // ---- nodes ----
@@ -287,75 +293,6 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
-    }
-
-    // ---- users and API keys ----
-
-    pub async fn user_count(&self) -> Result<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) AS n FROM users")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("n")?)
-    }
-
-    pub async fn create_user(&self, user: &User) -> Result<()> {
-        let r = sqlx::query("INSERT INTO users (id, name, role, created_at) VALUES ($1,$2,$3,$4)")
-            .bind(&user.id)
-            .bind(&user.name)
-            .bind(&user.role)
-            .bind(user.created_at)
-            .execute(&self.pool)
-            .await;
-        match r {
-            Ok(_) => Ok(()),
-            Err(e) if is_unique_violation(&e) => {
-                Err(StoreError::Conflict(format!("user {:?}", user.name)))
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    pub async fn create_api_key(&self, key: &ApiKey) -> Result<()> {
-        sqlx::query("INSERT INTO api_keys (id, user_id, name, key_hash, created_at, expires_at, revoked_at) VALUES ($1,$2,$3,$4,$5,$6,$7)")
-            .bind(&key.id)
-            .bind(&key.user_id)
-            .bind(&key.name)
-            .bind(&key.key_hash)
-            .bind(key.created_at)
-            .bind(key.expires_at)
-            .bind(key.revoked_at)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    /// The key with this lookup id and its user.
-    pub async fn api_key(&self, id: &str) -> Result<Option<(ApiKey, User)>> {
-        let row = sqlx::query(
-            "SELECT k.id, k.user_id, k.name, k.key_hash, k.created_at, k.expires_at, k.revoked_at, \
-             u.name AS user_name, u.role, u.created_at AS user_created_at \
-             FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(r) = row else { return Ok(None) };
-        let key = ApiKey {
-            id: r.try_get("id")?,
-            user_id: r.try_get("user_id")?,
-            name: r.try_get("name")?,
-            key_hash: r.try_get("key_hash")?,
-            created_at: r.try_get("created_at")?,
-            expires_at: r.try_get("expires_at")?,
-            revoked_at: r.try_get("revoked_at")?,
-        };
-        let user = User {
-            id: key.user_id.clone(),
-            name: r.try_get("user_name")?,
-            role: r.try_get("role")?,
-            created_at: r.try_get("user_created_at")?,
-        };
-        Ok(Some((key, user)))
     }
 }
 

@@ -75,22 +75,32 @@ async fn exercise(store: &Store) {
     assert!(store.delete_node(&by_id.id).await.unwrap());
     assert!(store.find_node("hub-1").await.unwrap().is_none());
 
-    let u = User {
+    let mut u = User {
         id: "u1".into(),
         name: "admin".into(),
         role: "admin".into(),
+        scopes: vec![],
+        password_hash: None,
         created_at: now_ms(),
+        updated_at: now_ms(),
     };
     store.create_user(&u).await.unwrap();
+    assert!(matches!(
+        store.create_user(&u).await,
+        Err(StoreError::Conflict(_))
+    ));
     assert_eq!(store.user_count().await.unwrap(), 1);
     let k = ApiKey {
         id: "k1".into(),
         user_id: "u1".into(),
         name: "bootstrap".into(),
         key_hash: "hash".into(),
+        scopes: vec!["spoke:dc-*".into()],
+        kind: "api".into(),
         created_at: now_ms(),
         expires_at: None,
         revoked_at: None,
+        last_used_at: None,
     };
     store.create_api_key(&k).await.unwrap();
     let (key, user) = store.api_key("k1").await.unwrap().unwrap();
@@ -98,6 +108,183 @@ async fn exercise(store: &Store) {
         (key.key_hash.as_str(), user.role.as_str()),
         ("hash", "admin")
     );
+    assert_eq!(key.scopes, vec!["spoke:dc-*"]);
+    u.role = "operator".into();
+    u.scopes = vec!["hub:*".into(), "spoke:dc-*".into()];
+    u.password_hash = Some("$argon2id$x".into());
+    assert!(store.update_user(&u).await.unwrap());
+    let back = store.find_user("admin").await.unwrap().unwrap();
+    assert_eq!(back.scopes, u.scopes);
+    assert_eq!(back.password_hash.as_deref(), Some("$argon2id$x"));
+    assert_eq!(store.admin_count().await.unwrap(), 0);
+    store.touch_api_key("k1", 5).await.unwrap();
+    assert!(store.revoke_api_key("k1").await.unwrap());
+    assert!(!store.revoke_api_key("k1").await.unwrap());
+    let keys = store.list_api_keys(Some("u1")).await.unwrap();
+    assert_eq!(keys.len(), 1);
+    assert!(keys[0].0.revoked_at.is_some());
+    assert_eq!(keys[0].0.last_used_at, Some(5));
+    assert!(store.delete_user("u1").await.unwrap());
+    assert!(store.api_key("k1").await.unwrap().is_none());
+
+    audit_chain(store).await;
+}
+
+fn rec(action: &str, user: &str) -> NewAuditRecord {
+    NewAuditRecord {
+        action: action.into(),
+        outcome: "ok",
+        user: Some(user.into()),
+        agent: Some("hub-1".into()),
+        detail: serde_json::json!({"n": action.len()}),
+        ..Default::default()
+    }
+}
+
+async fn exec_sql(store: &Store, sql: &str) {
+    sqlx::query(sql).execute(store.pool()).await.unwrap();
+}
+
+async fn audit_chain(store: &Store) {
+    for i in 0..6 {
+        let action = if i % 2 == 0 {
+            "session.opened"
+        } else {
+            "user.created"
+        };
+        store
+            .append_audit(&rec(action, &format!("u{i}")))
+            .await
+            .unwrap();
+    }
+    // Concurrent writers still form one chain.
+    let writers: Vec<_> = (0..8)
+        .map(|i| {
+            let s = store.clone();
+            tokio::spawn(async move {
+                s.append_audit(&rec("session.closed", &format!("w{i}")))
+                    .await
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap().unwrap();
+    }
+    let v = store.verify_audit().await.unwrap();
+    assert!(v.ok, "{v:?}");
+    assert_eq!(
+        (v.records, v.first_seq, v.last_seq),
+        (14, Some(1), Some(14))
+    );
+
+    // Filters: `session` covers session.*; newest first; paging.
+    let f = AuditFilter {
+        action: Some("session".into()),
+        ..Default::default()
+    };
+    let got = store.list_audit(&f, 100, false).await.unwrap();
+    assert_eq!(got.len(), 11);
+    assert!(got.windows(2).all(|w| w[0].seq > w[1].seq));
+    let f = AuditFilter {
+        user: Some("u1".into()),
+        ..Default::default()
+    };
+    assert_eq!(store.list_audit(&f, 100, false).await.unwrap().len(), 1);
+    let f = AuditFilter {
+        before_seq: Some(5),
+        ..Default::default()
+    };
+    let page = store.list_audit(&f, 2, false).await.unwrap();
+    assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![4, 3]);
+
+    // An edited row.
+    exec_sql(
+        store,
+        "UPDATE audit_log SET user_name = 'mallory' WHERE seq = 3",
+    )
+    .await;
+    let v = store.verify_audit().await.unwrap();
+    assert!(!v.ok);
+    assert_eq!(v.first_bad_seq, Some(3));
+    assert!(v.problem.as_deref().unwrap().contains("changed"), "{v:?}");
+    exec_sql(store, "UPDATE audit_log SET user_name = 'u2' WHERE seq = 3").await;
+    assert!(store.verify_audit().await.unwrap().ok);
+
+    // Two rows swapped (their contents exchanged, seq kept).
+    let a = store
+        .list_audit(
+            &AuditFilter {
+                after_seq: Some(6),
+                ..Default::default()
+            },
+            2,
+            true,
+        )
+        .await
+        .unwrap();
+    let (r7, r8) = (&a[0], &a[1]);
+    for (seq, r) in [(7i64, r8), (8i64, r7)] {
+        sqlx::query(
+            "UPDATE audit_log SET user_name = $1, prev_hash = $2, hash = $3 WHERE seq = $4",
+        )
+        .bind(r.user.clone())
+        .bind(&r.prev_hash)
+        .bind(&r.hash)
+        .bind(seq)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+    let v = store.verify_audit().await.unwrap();
+    assert_eq!(v.first_bad_seq, Some(7), "{v:?}");
+    for r in [r7, r8] {
+        sqlx::query(
+            "UPDATE audit_log SET user_name = $1, prev_hash = $2, hash = $3 WHERE seq = $4",
+        )
+        .bind(r.user.clone())
+        .bind(&r.prev_hash)
+        .bind(&r.hash)
+        .bind(r.seq)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+    assert!(store.verify_audit().await.unwrap().ok);
+
+    // A deleted row.
+    exec_sql(store, "DELETE FROM audit_log WHERE seq = 10").await;
+    let v = store.verify_audit().await.unwrap();
+    assert_eq!(v.first_bad_seq, Some(10), "{v:?}");
+    assert!(v.problem.as_deref().unwrap().contains("removed"), "{v:?}");
+}
+
+#[tokio::test]
+async fn retention_keeps_an_anchor() {
+    let dir = std::env::temp_dir().join(format!("gk-prune-{}-{}", std::process::id(), now_ms()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.join("t.db").display());
+    let store = Store::open(&url).await.unwrap();
+    for i in 0..5 {
+        store
+            .append_audit(&rec("session.opened", &format!("u{i}")))
+            .await
+            .unwrap();
+    }
+    exec_sql(&store, "UPDATE audit_log SET at = 1 WHERE seq <= 3").await;
+    // Changing `at` broke those rows' hashes; retention removes exactly them.
+    assert_eq!(store.prune_audit(1000).await.unwrap(), 3);
+    let v = store.verify_audit().await.unwrap();
+    assert!(v.ok, "{v:?}");
+    assert_eq!(
+        (v.records, v.first_seq, v.anchor.as_ref().map(|a| a.seq)),
+        (2, Some(4), Some(3))
+    );
+    store
+        .append_audit(&rec("audit.pruned", "system"))
+        .await
+        .unwrap();
+    assert!(store.verify_audit().await.unwrap().ok);
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[tokio::test]
