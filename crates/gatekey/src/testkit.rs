@@ -400,3 +400,136 @@ pub fn processes_with(marker: &str) -> Vec<u32> {
     }
     pids
 }
+
+/// A raw HTTPS request to the control plane, for tests that need exact
+/// statuses and headers: HTTP/1.0 so the answer is never chunked.
+pub struct HttpRequest<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub key: Option<&'a str>,
+    pub body: Option<String>,
+    pub headers: Vec<(&'a str, String)>,
+}
+
+/// Status, headers (lowercase names) and body of an answer.
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpAnswer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Cluster {
+    /// Sends one request and reads the whole answer.
+    pub async fn http(&self, req: HttpRequest<'_>) -> HttpAnswer {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let endpoint = gatekey_proto::transport::Endpoint::parse(&self.url).expect("url");
+        let tls = gatekey_proto::transport::client_config(Some(&self.ca_cert)).expect("tls");
+        let mut s = gatekey_proto::transport::connect_tls(&endpoint, tls, Duration::from_secs(10))
+            .await
+            .expect("connect");
+        let body = req.body.unwrap_or_default();
+        let mut head = format!(
+            "{} {} HTTP/1.0\r\nHost: {}\r\nContent-Length: {}\r\nContent-Type: application/json\r\n",
+            req.method,
+            req.path,
+            self.addr,
+            body.len()
+        );
+        if let Some(k) = req.key {
+            head.push_str(&format!("Authorization: Bearer {k}\r\n"));
+        }
+        for (k, v) in &req.headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes()).await.expect("write");
+        s.write_all(body.as_bytes()).await.expect("write");
+        s.flush().await.expect("flush");
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw).await;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        HttpAnswer {
+            status,
+            headers,
+            body: body.to_string(),
+        }
+    }
+
+    /// GET with a key.
+    pub async fn get(&self, path: &str, key: &str) -> HttpAnswer {
+        self.http(HttpRequest {
+            method: "GET",
+            path,
+            key: Some(key),
+            body: None,
+            headers: vec![],
+        })
+        .await
+    }
+
+    /// A request with a JSON body and a key.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: serde_json::Value,
+    ) -> HttpAnswer {
+        self.http(HttpRequest {
+            method,
+            path,
+            key: Some(key),
+            body: Some(body.to_string()),
+            headers: vec![],
+        })
+        .await
+    }
+
+    /// Creates a user with an API key through the API; returns the key.
+    pub async fn user_with_key(&self, name: &str, role: &str, scopes: &[&str]) -> String {
+        let r = self
+            .send(
+                "POST",
+                "/api/v1/users",
+                &self.admin_key,
+                serde_json::json!({"name": name, "role": role, "scopes": scopes}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        let r = self
+            .send(
+                "POST",
+                "/api/v1/apikeys",
+                &self.admin_key,
+                serde_json::json!({"user": name, "name": "test"}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()["key"].as_str().expect("key").to_string()
+    }
+}
