@@ -249,6 +249,180 @@ pub struct ServerVersion {
     pub extra: Map<String, Value>,
 }
 
+/// A user's role (docs/api.md "Users, roles and scopes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    // Everything.
+    Admin,
+    // Lists; sessions on nodes in its scope.
+    Operator,
+    // Lists and the audit log.
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A user (`/api/v1/users`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    #[serde(default)]
+    pub id: String,
+    pub name: String,
+    /// `admin`, `operator` or `viewer`.
+    #[serde(default)]
+    pub role: String,
+    /// Node scopes (`spoke:dc-*`, `control-plane`); empty: unrestricted.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub has_password: bool,
+    #[serde(default)]
+    pub created_at: Option<String>,
+    #[serde(default)]
+    pub updated_at: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// An API key (`/api/v1/apikeys`); the secret itself only in the answer
+/// that created it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ApiKey {
+    /// `k_…`; what `apikey revoke` takes.
+    pub id: String,
+    /// The owner's name.
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub name: String,
+    /// The key's first characters (`gka_1a2b…`), to recognise it.
+    #[serde(default)]
+    pub prefix: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub created_at: Option<String>,
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    #[serde(default)]
+    pub revoked_at: Option<String>,
+    #[serde(default)]
+    pub last_used_at: Option<String>,
+    /// Only in the answer to create and login: the key, shown once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ApiKey {
+    /// `revoked`, `expired` or `active` at `now`.
+    pub fn status(&self, now: time::OffsetDateTime) -> &'static str {
+        let parse = |t: &str| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        };
+        if self.revoked_at.as_deref().is_some_and(|t| !t.is_empty()) {
+            "revoked"
+        } else if self
+            .expires_at
+            .as_deref()
+            .and_then(parse)
+            .is_some_and(|t| t <= now)
+        {
+            "expired"
+        } else {
+            "active"
+        }
+    }
+}
+
+/// `GET /api/v1/whoami`: the caller and the key it used.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Whoami {
+    pub user: User,
+    pub key: ApiKey,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// One record of the audit log.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: i64,
+    /// RFC 3339, milliseconds.
+    #[serde(default)]
+    pub time: String,
+    #[serde(default)]
+    pub action: String,
+    /// `ok`, `denied` or `failed`.
+    #[serde(default)]
+    pub outcome: String,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub remote_addr: Option<String>,
+    #[serde(default)]
+    pub agent: Option<String>,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Free-form, per action (command, exit code, …).
+    #[serde(default)]
+    pub detail: Value,
+    #[serde(default)]
+    pub prev_hash: String,
+    #[serde(default)]
+    pub hash: String,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// One page of `GET /api/v1/audit`, newest first.
+#[derive(Debug, Deserialize)]
+pub struct AuditPage {
+    pub items: Vec<AuditRecord>,
+    /// Pass as `before` for the next (older) page; `None` at the end.
+    #[serde(default)]
+    pub next_before: Option<i64>,
+}
+
+/// `GET /api/v1/audit/verify`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditVerification {
+    pub ok: bool,
+    #[serde(default)]
+    pub records: u64,
+    #[serde(default)]
+    pub first_seq: Option<i64>,
+    #[serde(default)]
+    pub last_seq: Option<i64>,
+    #[serde(default)]
+    pub head_hash: String,
+    /// Where the chain starts after retention removed older records.
+    #[serde(default)]
+    pub anchor: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_bad_seq: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
 /// `{"items": [...]}`, the shape of every list answer.
 #[derive(Debug, Deserialize)]
 pub(crate) struct Items<T> {
@@ -293,6 +467,30 @@ mod tests {
         .unwrap();
         assert_eq!(s.user_names(), ["a", "b"]);
         assert_eq!(s.command.as_deref(), Some("ls"));
+    }
+
+    #[test]
+    fn identity_objects_round_trip() {
+        let raw = r#"{"id":"k_1","user":"bob","name":"laptop","prefix":"gka_1a2b","scopes":[],
+            "created_at":"2026-11-01T10:00:00Z","expires_at":null,"revoked_at":null,"last_used_at":null,
+            "kind":"api","key":"gka_1a2bsecret"}"#;
+        let k: ApiKey = serde_json::from_str(raw).unwrap();
+        assert_eq!(k.key.as_deref(), Some("gka_1a2bsecret"));
+        let back = serde_json::to_value(&k).unwrap();
+        assert_eq!(back, serde_json::from_str::<Value>(raw).unwrap());
+        let now = time::OffsetDateTime::now_utc();
+        assert_eq!(k.status(now), "active");
+        let expired = ApiKey {
+            expires_at: Some("2020-01-01T00:00:00Z".into()),
+            ..k.clone()
+        };
+        assert_eq!(expired.status(now), "expired");
+        let revoked = ApiKey {
+            revoked_at: Some("2026-11-02T00:00:00Z".into()),
+            ..expired
+        };
+        assert_eq!(revoked.status(now), "revoked");
+        assert_eq!(serde_json::to_value(Role::Operator).unwrap(), "operator");
     }
 
     #[test]

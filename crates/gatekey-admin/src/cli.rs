@@ -2,14 +2,15 @@
 //! failure ends as one line on stderr, `gatekey-admin: …`, and an exit code
 //! from [`crate::exit`].
 
-use std::io::Write;
+use std::cell::RefCell;
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand};
 
-use crate::api::NodeType;
+use crate::api::{NodeType, Role};
 use crate::client::{Client, DEFAULT_TIMEOUT};
 use crate::cmd;
 use crate::config::{FileConfig, Overrides, Settings};
@@ -52,10 +53,12 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check and save the control plane URL, API key and CA certificate
-    /// (in ~/.config/gatekey/admin.yaml)
-    Login,
-    /// Remove the saved API key
+    /// (in ~/.config/gatekey/admin.yaml); with --user, log in with a password
+    Login(LoginArgs),
+    /// End the login on the control plane and remove the saved API key
     Logout,
+    /// Show who the API key in use belongs to: user, role, scopes, key
+    Whoami,
     /// Remote sessions on connected agents
     #[command(subcommand)]
     Session(SessionCommand),
@@ -68,8 +71,157 @@ pub enum Command {
     /// Edge devices
     #[command(subcommand)]
     Device(NodeCommand),
+    /// Users, their roles and scopes
+    #[command(subcommand)]
+    User(UserCommand),
+    /// API keys
+    #[command(subcommand, name = "apikey")]
+    Apikey(ApiKeyCommand),
+    /// The audit log: list, verify the hash chain, export
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Show the client's and the control plane's versions
     Version,
+}
+
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// Log in as this user with its password (prompted for) instead of an
+    /// API key; the control plane makes a key for this CLI, which is saved
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+    /// Read the password from the first line of stdin
+    #[arg(long, requires = "user")]
+    pub password_stdin: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user
+    Create {
+        /// User name: 1-64 of A-Z a-z 0-9 . _ -
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// What the user may do
+        #[arg(long, value_enum)]
+        role: Role,
+        /// Limit the user to nodes matching TYPE:GLOB (TYPE gateway, hub,
+        /// spoke, device or *), or control-plane; repeatable; none: all nodes
+        #[arg(long = "scope", value_name = "PATTERN")]
+        scopes: Vec<String>,
+        /// Give the user a password (asked twice on a terminal, else read
+        /// from the first line of stdin)
+        #[arg(long)]
+        password: bool,
+        /// Read the password from the first line of stdin
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List users
+    List,
+    /// Change a user's role, scopes or password
+    #[command(group = clap::ArgGroup::new("change").required(true).multiple(true))]
+    Update {
+        /// User name
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// New role
+        #[arg(long, value_enum, group = "change")]
+        role: Option<Role>,
+        /// Replace the scopes with these (repeatable)
+        #[arg(long = "scope", value_name = "PATTERN", group = "change")]
+        scopes: Vec<String>,
+        /// Remove every scope: the user reaches all nodes
+        #[arg(long, conflicts_with = "scopes", group = "change")]
+        clear_scopes: bool,
+        /// Set a new password (asked twice on a terminal, else read from stdin)
+        #[arg(long, group = "change")]
+        password: bool,
+        /// Read the new password from the first line of stdin
+        #[arg(long, group = "change")]
+        password_stdin: bool,
+        /// Remove the password: the user can only use API keys
+        #[arg(long, conflicts_with_all = ["password", "password_stdin"], group = "change")]
+        no_password: bool,
+    },
+    /// Delete a user; its API keys stop working (asks nothing)
+    Delete {
+        /// User name
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create an API key and print it (shown only this once)
+    Create {
+        /// Whose key (default: yours)
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+        /// A label, e.g. the machine it is for (default: api)
+        #[arg(long, value_name = "LABEL")]
+        name: Option<String>,
+        /// Make it expire after this long, e.g. 30d, 12h, 90m, 3600s (default: never)
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        expires: Option<Duration>,
+        /// Limit the key further to nodes matching TYPE:GLOB, or control-plane (repeatable)
+        #[arg(long = "scope", value_name = "PATTERN")]
+        scopes: Vec<String>,
+    },
+    /// List API keys (yours, or everyone's for an admin)
+    List {
+        /// Only this user's keys
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+    },
+    /// Revoke an API key: it stops working at once
+    Revoke {
+        /// Key id (see `gatekey-admin apikey list`)
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// List audit records, newest first
+    List {
+        #[command(flatten)]
+        filter: AuditFilterArgs,
+        /// At most this many records (more than 1000 are fetched in pages)
+        #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: u64,
+    },
+    /// Check the audit log's hash chain (exit 253 when it is broken)
+    Verify,
+    /// Write the matching records as JSON lines, oldest first
+    Export {
+        #[command(flatten)]
+        filter: AuditFilterArgs,
+        /// Write to FILE instead of stdout (-o/--output is the output format)
+        #[arg(long, value_name = "FILE")]
+        output_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuditFilterArgs {
+    /// Only this action; `session` also matches every `session.*`
+    #[arg(long, value_name = "ACTION")]
+    pub action: Option<String>,
+    /// Only records about this agent
+    #[arg(long, value_name = "AGENT")]
+    pub agent: Option<String>,
+    /// Only records of this user
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+    /// From this time: RFC 3339 (2026-11-23T10:00:00Z), a date (2026-11-23, UTC) or a time ago (1h, 7d)
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Up to this time (same forms as --since)
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -234,22 +386,49 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    match Cli::try_parse_from(args) {
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    match Cli::try_parse_from(&args) {
         Ok(cli) => run(cli).await,
         Err(e) => {
-            let _ = e.print();
-            if e.use_stderr() {
-                exit::USAGE
+            if SANDBOX.try_with(|_| ()).is_ok() {
+                let text = e.to_string();
+                if e.use_stderr() {
+                    write_stderr(text.as_bytes());
+                } else {
+                    let _ = write_stdout(text.as_bytes());
+                }
             } else {
-                exit::OK
+                let _ = e.print();
             }
+            if !e.use_stderr() {
+                return exit::OK;
+            }
+            if let Some(hint) = usage_hint(&e, &args) {
+                warn(hint);
+            }
+            exit::USAGE
         }
     }
 }
 
+/// A pointer for usage errors that clap cannot know to give.
+fn usage_hint(e: &clap::Error, args: &[std::ffi::OsString]) -> Option<&'static str> {
+    let invalid_output = e.kind() == clap::error::ErrorKind::InvalidValue
+        && e.get(clap::error::ContextKind::InvalidArg)
+            .is_some_and(|a| a.to_string().starts_with("--output"));
+    let export = args.iter().any(|a| a == "audit") && args.iter().any(|a| a == "export");
+    (invalid_output && export).then_some(
+        "-o/--output is the output format; write the export to a file with --output-file FILE",
+    )
+}
+
 /// Runs a parsed command line; returns the exit code.
 pub async fn run(cli: Cli) -> i32 {
-    let file_path = FileConfig::default_path();
+    let sandboxed = SANDBOX.try_with(|s| s.settings_file.clone()).ok();
+    let (file_path, env) = match sandboxed {
+        Some(path) => (path, Overrides::default()),
+        None => (FileConfig::default_path(), Overrides::from_env()),
+    };
     let file = match file_path.as_deref().map(FileConfig::load).transpose() {
         Ok(file) => file.unwrap_or_default(),
         Err(e) => return report(&e),
@@ -260,7 +439,7 @@ pub async fn run(cli: Cli) -> i32 {
             api_key: cli.api_key,
             ca_cert: cli.ca_cert,
         },
-        env: Overrides::from_env(),
+        env,
         file,
         file_path,
         output: cli.output,
@@ -271,8 +450,12 @@ pub async fn run(cli: Cli) -> i32 {
         },
     };
     let result = match cli.command {
-        Command::Login => cmd::login::login(&ctx).await,
-        Command::Logout => cmd::login::logout(&ctx),
+        Command::Login(args) => cmd::login::login(&ctx, args).await,
+        Command::Logout => cmd::login::logout(&ctx).await,
+        Command::Whoami => cmd::identity::whoami(&ctx).await,
+        Command::User(c) => cmd::identity::user(&ctx, c).await,
+        Command::Apikey(c) => cmd::identity::apikey(&ctx, c).await,
+        Command::Audit(c) => cmd::audit::run(&ctx, c).await,
         Command::Session(SessionCommand::List { all }) => cmd::session::list(&ctx, all).await,
         Command::Session(SessionCommand::Exec(args)) => cmd::session::exec(&ctx, args).await,
         Command::Session(SessionCommand::Connect(args)) => cmd::session::connect(&ctx, args).await,
@@ -301,18 +484,120 @@ pub fn report(e: &ClientError) -> i32 {
 
 /// One line on stderr, prefixed with the program name.
 pub fn warn(message: &str) {
-    let _ = writeln!(std::io::stderr(), "gatekey-admin: {message}");
+    write_stderr(format!("gatekey-admin: {message}\n").as_bytes());
 }
 
 /// Writes to stdout; a closed stdout becomes [`ClientError::BrokenPipe`].
 pub fn print(text: &str) -> Result<(), ClientError> {
+    write_stdout(text.as_bytes())
+}
+
+/// Writes bytes to stdout (or a [`Sandbox`]'s) and flushes them.
+pub fn write_stdout(bytes: &[u8]) -> Result<(), ClientError> {
+    if SANDBOX
+        .try_with(|s| s.stdout.borrow_mut().extend_from_slice(bytes))
+        .is_ok()
+    {
+        return Ok(());
+    }
     let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
+    out.write_all(bytes)
         .and_then(|_| out.flush())
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::BrokenPipe => ClientError::BrokenPipe,
             _ => ClientError::io("writing stdout", e),
         })
+}
+
+fn write_stderr(bytes: &[u8]) {
+    if SANDBOX
+        .try_with(|s| s.stderr.borrow_mut().extend_from_slice(bytes))
+        .is_err()
+    {
+        let _ = std::io::stderr().write_all(bytes);
+    }
+}
+
+/// Whether stdin is a terminal (never in a [`Sandbox`]).
+pub(crate) fn stdin_is_terminal() -> bool {
+    SANDBOX.try_with(|_| ()).is_err() && std::io::stdin().is_terminal()
+}
+
+/// Reads one line from stdin (a [`Sandbox`]'s in tests), without its line
+/// ending; `what` names it in the error when stdin is empty.
+pub(crate) fn read_stdin_line(what: &str) -> Result<String, ClientError> {
+    let mut line = String::new();
+    let read = match SANDBOX.try_with(|s| s.stdin.borrow_mut().read_line(&mut line)) {
+        Ok(read) => read,
+        Err(_) => std::io::stdin().lock().read_line(&mut line),
+    };
+    match read {
+        Ok(0) => Err(ClientError::InvalidArgument(format!("no {what} on stdin"))),
+        Ok(_) => Ok(crate::stdio::strip_line_ending(line)),
+        Err(e) => Err(ClientError::io(format!("reading the {what} from stdin"), e)),
+    }
+}
+
+tokio::task_local! {
+    static SANDBOX: SandboxIo;
+}
+
+struct SandboxIo {
+    stdin: RefCell<std::io::Cursor<Vec<u8>>>,
+    stdout: RefCell<Vec<u8>>,
+    stderr: RefCell<Vec<u8>>,
+    settings_file: Option<PathBuf>,
+}
+
+/// A run of the command line in-process with its own stdin (never a
+/// terminal), stdout, stderr and settings file, and no `GATEKEY_*`
+/// environment: what the integration tests drive the commands with.
+#[derive(Debug, Clone, Default)]
+pub struct Sandbox {
+    pub stdin: Vec<u8>,
+    /// The settings file `login` writes (none: as if HOME were unset).
+    pub settings_file: Option<PathBuf>,
+}
+
+/// What a [`Sandbox`] run printed, and its exit code.
+#[derive(Debug, Clone)]
+pub struct SandboxRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Sandbox {
+    /// Runs `args` (program name first).
+    pub async fn run<I, T>(&self, args: I) -> SandboxRun
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let io = SandboxIo {
+            stdin: RefCell::new(std::io::Cursor::new(self.stdin.clone())),
+            stdout: RefCell::default(),
+            stderr: RefCell::default(),
+            settings_file: self.settings_file.clone(),
+        };
+        let (code, io) = SANDBOX
+            .scope(io, async {
+                let code = run_args(args).await;
+                let io = SANDBOX.with(|s| {
+                    (
+                        String::from_utf8_lossy(&s.stdout.take()).into_owned(),
+                        String::from_utf8_lossy(&s.stderr.take()).into_owned(),
+                    )
+                });
+                (code, io)
+            })
+            .await;
+        SandboxRun {
+            code,
+            stdout: io.0,
+            stderr: io.1,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -567,7 +852,191 @@ mod tests {
         .unwrap();
         assert_eq!(cli.api_key.as_deref(), Some("k"));
         assert_eq!(cli.ca_cert, Some(PathBuf::from("/ca.pem")));
-        assert!(matches!(cli.command, Command::Login));
+        assert!(matches!(
+            cli.command,
+            Command::Login(LoginArgs {
+                user: None,
+                password_stdin: false
+            })
+        ));
+    }
+
+    #[test]
+    fn user_commands() {
+        match parse(&[
+            "user",
+            "create",
+            "bob",
+            "--role",
+            "operator",
+            "--scope",
+            "spoke:dc-*",
+            "--scope",
+            "hub:*",
+            "--password",
+        ])
+        .unwrap()
+        .command
+        {
+            Command::User(UserCommand::Create {
+                name,
+                role,
+                scopes,
+                password,
+                password_stdin,
+            }) => {
+                assert_eq!((name.as_str(), role), ("bob", Role::Operator));
+                assert_eq!(scopes, ["spoke:dc-*", "hub:*"]);
+                assert!(password && !password_stdin);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["user", "update", "bob", "--clear-scopes", "--no-password"])
+            .unwrap()
+            .command
+        {
+            Command::User(UserCommand::Update {
+                clear_scopes,
+                no_password,
+                role: None,
+                ..
+            }) => assert!(clear_scopes && no_password),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(&["user", "delete", "bob"]).unwrap().command,
+            Command::User(UserCommand::Delete { .. })
+        ));
+        for bad in [
+            &["user", "create", "bob"][..],
+            &["user", "create", "bob", "--role", "root"],
+            &["user", "create", "bob", "--role", "viewer", "--password=x"],
+            &["user", "update", "bob"],
+            &[
+                "user",
+                "update",
+                "bob",
+                "--scope",
+                "hub:*",
+                "--clear-scopes",
+            ],
+            &["user", "update", "bob", "--password", "--no-password"],
+            &["user", "update", "bob", "--role", "superuser"],
+            &["user", "delete"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.use_stderr(), "{bad:?} should be a usage error");
+        }
+    }
+
+    #[test]
+    fn apikey_and_login_commands() {
+        match parse(&[
+            "apikey",
+            "create",
+            "--user",
+            "bob",
+            "--name",
+            "laptop",
+            "--expires",
+            "30d",
+            "--scope",
+            "hub:*",
+        ])
+        .unwrap()
+        .command
+        {
+            Command::Apikey(ApiKeyCommand::Create {
+                user,
+                name,
+                expires,
+                scopes,
+            }) => {
+                assert_eq!(user.as_deref(), Some("bob"));
+                assert_eq!(name.as_deref(), Some("laptop"));
+                assert_eq!(expires, Some(Duration::from_secs(30 * 86400)));
+                assert_eq!(scopes, ["hub:*"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["apikey", "create", "--expires", "soon"]).is_err());
+        assert!(matches!(
+            parse(&["apikey", "revoke", "k_1"]).unwrap().command,
+            Command::Apikey(ApiKeyCommand::Revoke { .. })
+        ));
+        match parse(&["login", "--user", "bob", "--password-stdin"])
+            .unwrap()
+            .command
+        {
+            Command::Login(LoginArgs {
+                user: Some(user),
+                password_stdin: true,
+            }) => assert_eq!(user, "bob"),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["login", "--password-stdin"]).is_err());
+        assert!(matches!(
+            parse(&["whoami", "-o", "json"]).unwrap().command,
+            Command::Whoami
+        ));
+    }
+
+    #[test]
+    fn audit_commands() {
+        match parse(&["audit", "list", "--action", "session"])
+            .unwrap()
+            .command
+        {
+            Command::Audit(AuditCommand::List { filter, limit }) => {
+                assert_eq!(filter.action.as_deref(), Some("session"));
+                assert_eq!(limit, 100);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&[
+            "audit",
+            "export",
+            "--user",
+            "bob",
+            "--since",
+            "7d",
+            "--output-file",
+            "a.ndjson",
+        ])
+        .unwrap()
+        .command
+        {
+            Command::Audit(AuditCommand::Export {
+                filter,
+                output_file,
+            }) => {
+                assert_eq!(filter.since.as_deref(), Some("7d"));
+                assert_eq!(output_file, Some(PathBuf::from("a.ndjson")));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["audit", "list", "--limit", "0"]).is_err());
+        assert!(matches!(
+            parse(&["audit", "verify", "-o", "json"]).unwrap().command,
+            Command::Audit(AuditCommand::Verify)
+        ));
+        // -o/--output is the global output format; the export says where
+        // a file goes instead.
+        let args: Vec<std::ffi::OsString> =
+            ["gatekey-admin", "audit", "export", "--output", "a.ndjson"]
+                .into_iter()
+                .map(Into::into)
+                .collect();
+        let e = Cli::try_parse_from(&args).unwrap_err();
+        assert!(
+            usage_hint(&e, &args)
+                .unwrap()
+                .contains("--output-file FILE")
+        );
+        let text = parse(&["--help"]).unwrap_err().to_string();
+        for command in ["user", "apikey", "audit", "whoami"] {
+            assert!(text.contains(command), "{command} missing:\n{text}");
+        }
     }
 
     #[test]

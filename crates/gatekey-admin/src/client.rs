@@ -13,13 +13,15 @@ use gatekey_proto::names;
 use gatekey_proto::transport::{self, Endpoint};
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use crate::api::{
-    Agent, ExecRequest, ExecResponse, LiveSession, Node, NodeType, Participant, ServerVersion,
+    Agent, ApiKey, AuditPage, AuditRecord, AuditVerification, ExecRequest, ExecResponse,
+    LiveSession, Node, NodeType, Participant, Role, ServerVersion, User, Whoami,
 };
 pub use crate::error::{ApiError, ClientError};
 
@@ -252,13 +254,225 @@ impl Client {
         self.delete(&format!("/api/v1/sessions/{id}")).await
     }
 
+    // ---- users, API keys, login (docs/api.md "Users, roles and scopes") ----
+
+    /// `GET /api/v1/users`.
+    pub async fn list_users(&self) -> Result<Vec<User>> {
+        let list: crate::api::Items<User> = self
+            .call(Method::GET, "/api/v1/users", None::<&()>, true)
+            .await?;
+        Ok(list.items)
+    }
+
+    /// `GET /api/v1/users/{name}`.
+    pub async fn get_user(&self, name: &str) -> Result<User> {
+        check_user_name(name)?;
+        self.call(
+            Method::GET,
+            &format!("/api/v1/users/{name}"),
+            None::<&()>,
+            true,
+        )
+        .await
+    }
+
+    /// `POST /api/v1/users`.
+    pub async fn create_user(&self, user: &NewUser) -> Result<User> {
+        check_user_name(&user.name)?;
+        self.call(Method::POST, "/api/v1/users", Some(user), true)
+            .await
+    }
+
+    /// `PATCH /api/v1/users/{name}`: only the fields that are `Some` change.
+    pub async fn update_user(&self, name: &str, patch: &UserPatch) -> Result<User> {
+        check_user_name(name)?;
+        self.call(
+            Method::PATCH,
+            &format!("/api/v1/users/{name}"),
+            Some(patch),
+            true,
+        )
+        .await
+    }
+
+    /// `DELETE /api/v1/users/{name}`: its keys stop working too.
+    pub async fn delete_user(&self, name: &str) -> Result<()> {
+        check_user_name(name)?;
+        self.no_content(Method::DELETE, &format!("/api/v1/users/{name}"), true)
+            .await
+    }
+
+    /// `POST /api/v1/apikeys`: the answer's `key` is never shown again.
+    pub async fn create_api_key(&self, key: &NewApiKey) -> Result<ApiKey> {
+        if let Some(user) = &key.user {
+            check_user_name(user)?;
+        }
+        self.call(Method::POST, "/api/v1/apikeys", Some(key), true)
+            .await
+    }
+
+    /// `GET /api/v1/apikeys[?user=NAME]`.
+    pub async fn list_api_keys(&self, user: Option<&str>) -> Result<Vec<ApiKey>> {
+        let path = match user {
+            Some(user) => {
+                check_user_name(user)?;
+                format!("/api/v1/apikeys?user={}", query_escape(user))
+            }
+            None => "/api/v1/apikeys".to_string(),
+        };
+        let list: crate::api::Items<ApiKey> =
+            self.call(Method::GET, &path, None::<&()>, true).await?;
+        Ok(list.items)
+    }
+
+    /// `DELETE /api/v1/apikeys/{id}`: the key stops working at once.
+    pub async fn revoke_api_key(&self, id: &str) -> Result<()> {
+        names::validate("API key id", id).map_err(ClientError::InvalidArgument)?;
+        self.no_content(Method::DELETE, &format!("/api/v1/apikeys/{id}"), true)
+            .await
+    }
+
+    /// `GET /api/v1/whoami`.
+    pub async fn whoami(&self) -> Result<Whoami> {
+        self.call(Method::GET, "/api/v1/whoami", None::<&()>, true)
+            .await
+    }
+
+    /// `POST /api/v1/login` with `"client":"cli"` (no key needed): a new
+    /// API key named `login`, in the answer's `key`.
+    pub async fn login(&self, user: &str, password: &str) -> Result<ApiKey> {
+        check_user_name(user)?;
+        #[derive(Serialize)]
+        struct Login<'a> {
+            user: &'a str,
+            password: &'a str,
+            client: &'a str,
+        }
+        let body = Login {
+            user,
+            password,
+            client: "cli",
+        };
+        self.call(Method::POST, "/api/v1/login", Some(&body), false)
+            .await
+            .map_err(|e| match e {
+                // "invalid user or password" says it all: no --api-key advice.
+                ClientError::Api(mut api) if api.status == 401 => {
+                    api.hint = Some(String::new());
+                    ClientError::Api(api)
+                }
+                other => other,
+            })
+    }
+
+    /// `POST /api/v1/logout`: revokes the presented key if `login` made it.
+    pub async fn logout(&self) -> Result<()> {
+        self.no_content(Method::POST, "/api/v1/logout", true).await
+    }
+
+    // ---- audit log (docs/api.md "Audit log") ----
+
+    /// `GET /api/v1/audit`: one page, newest first.
+    pub async fn audit_page(
+        &self,
+        filter: &AuditFilter,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<AuditPage> {
+        let mut query = filter.query();
+        query.push(("limit", limit.to_string()));
+        if let Some(before) = before {
+            query.push(("before", before.to_string()));
+        }
+        self.call(
+            Method::GET,
+            &with_query("/api/v1/audit", &query),
+            None::<&()>,
+            true,
+        )
+        .await
+    }
+
+    /// The newest `limit` records matching `filter`, newest first, in
+    /// pages of at most [`AUDIT_PAGE`].
+    pub async fn list_audit(&self, filter: &AuditFilter, limit: u64) -> Result<Vec<AuditRecord>> {
+        let mut records = Vec::new();
+        let mut before = None;
+        loop {
+            let remaining = limit.saturating_sub(records.len() as u64);
+            if remaining == 0 {
+                return Ok(records);
+            }
+            let page = self
+                .audit_page(filter, remaining.min(AUDIT_PAGE as u64) as u32, before)
+                .await?;
+            let empty = page.items.is_empty();
+            records.extend(page.items);
+            match page.next_before {
+                Some(next) if !empty => before = Some(next),
+                _ => return Ok(records),
+            }
+        }
+    }
+
+    /// `GET /api/v1/audit/verify`.
+    pub async fn verify_audit(&self) -> Result<AuditVerification> {
+        self.call(Method::GET, "/api/v1/audit/verify", None::<&()>, true)
+            .await
+    }
+
+    /// `GET /api/v1/audit/export`: JSON lines, oldest first, read as they
+    /// come (on a connection of its own) instead of all at once.
+    pub async fn export_audit(&self, filter: &AuditFilter) -> Result<BodyStream> {
+        let path = with_query("/api/v1/audit/export", &filter.query());
+        let key = self.require_key()?;
+        let request = self.build_request(&Method::GET, &path, None, Some(key))?;
+        let head = async {
+            let mut sender = self.connect().await?;
+            sender.ready().await.map_err(|e| self.connection_error(e))?;
+            sender
+                .send_request(request)
+                .await
+                .map_err(|e| self.connection_error(e))
+        };
+        let response = tokio::time::timeout(self.timeout, head)
+            .await
+            .map_err(|_| ClientError::RequestTimeout {
+                server: self.endpoint.url.clone(),
+                after: self.timeout,
+            })??;
+        let status = response.status();
+        let mut body = BodyStream {
+            body: response.into_body(),
+            server: self.endpoint.url.clone(),
+            idle_timeout: self.timeout,
+        };
+        if status.is_success() {
+            return Ok(body);
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.chunk().await? {
+            bytes.extend_from_slice(&chunk);
+            if bytes.len() > 64 * 1024 {
+                break;
+            }
+        }
+        Err(ClientError::Api(ApiError::from_response(
+            status.as_u16(),
+            &bytes,
+        )))
+    }
+
     // ---- plumbing ----
 
     /// A DELETE whose success answer has no body to read (204).
     async fn delete(&self, path: &str) -> Result<()> {
-        let (status, body) = self
-            .request(Method::DELETE, path, None, true, self.timeout)
-            .await?;
+        self.no_content(Method::DELETE, path, true).await
+    }
+
+    /// A request without a body whose success answer has none either (204).
+    async fn no_content(&self, method: Method, path: &str, auth: bool) -> Result<()> {
+        let (status, body) = self.request(method, path, None, auth, self.timeout).await?;
         if status.is_success() {
             Ok(())
         } else {
@@ -432,6 +646,159 @@ impl Client {
     }
 }
 
+/// Largest page of `GET /api/v1/audit` the server gives.
+pub const AUDIT_PAGE: u32 = 1000;
+
+/// `POST /api/v1/users`.
+#[derive(Clone, Serialize)]
+pub struct NewUser {
+    pub name: String,
+    pub role: Role,
+    pub scopes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+/// `PATCH /api/v1/users/{name}`: `None` leaves a field as it is;
+/// `password: Some(None)` removes the password.
+#[derive(Clone, Default, Serialize)]
+pub struct UserPatch {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Option<String>>,
+}
+
+impl UserPatch {
+    pub fn is_empty(&self) -> bool {
+        self.role.is_none() && self.scopes.is_none() && self.password.is_none()
+    }
+}
+
+/// `POST /api/v1/apikeys`; every field is optional (`user` defaults to
+/// the caller).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NewApiKey {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+}
+
+/// The filters of `GET /api/v1/audit` and `/api/v1/audit/export`.
+/// `since` and `until` are RFC 3339 times.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// `session` matches `session` and every `session.*`.
+    pub action: Option<String>,
+    pub agent: Option<String>,
+    pub user: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+}
+
+impl AuditFilter {
+    fn query(&self) -> Vec<(&'static str, String)> {
+        [
+            ("action", &self.action),
+            ("agent", &self.agent),
+            ("user", &self.user),
+            ("since", &self.since),
+            ("until", &self.until),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+        .collect()
+    }
+}
+
+/// A response body read chunk by chunk as it arrives.
+pub struct BodyStream {
+    body: Incoming,
+    server: String,
+    /// Longest wait for the next chunk.
+    idle_timeout: Duration,
+}
+
+impl BodyStream {
+    /// The next chunk of data; `None` at the end of the body.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            let frame = tokio::time::timeout(self.idle_timeout, self.body.frame())
+                .await
+                .map_err(|_| ClientError::RequestTimeout {
+                    server: self.server.clone(),
+                    after: self.idle_timeout,
+                })?;
+            match frame {
+                None => return Ok(None),
+                Some(Err(e)) => {
+                    return Err(ClientError::Connection {
+                        server: self.server.clone(),
+                        detail: e.to_string(),
+                    });
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        return Ok(Some(data));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `path?k=v&…`, values percent-encoded.
+fn with_query(path: &str, query: &[(&str, String)]) -> String {
+    if query.is_empty() {
+        return path.to_string();
+    }
+    let pairs: Vec<String> = query
+        .iter()
+        .map(|(k, v)| format!("{k}={}", query_escape(v)))
+        .collect();
+    format!("{path}?{}", pairs.join("&"))
+}
+
+/// Percent-encodes everything but the unreserved characters of RFC 3986.
+pub(crate) fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// User names (1–64 of `A-Za-z0-9._-`, not starting with `-`) go into URL
+/// paths: only those pass.
+pub(crate) fn check_user_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ClientError::InvalidArgument(format!(
+            "invalid user name {name:?}: use 1-64 of A-Z a-z 0-9 . _ -, not starting with -"
+        )))
+    }
+}
+
 /// Names and ids go into URL paths: only the documented characters pass.
 pub(crate) fn check_ref(kind: &str, value: &str) -> Result<()> {
     names::validate(&format!("{kind} name or id"), value).map_err(ClientError::InvalidArgument)
@@ -446,6 +813,39 @@ mod tests {
         assert!(check_ref("agent", "hub-1").is_ok());
         let e = check_ref("agent", "../etc").unwrap_err();
         assert_eq!(e.exit_code(), crate::exit::INVALID_ARGUMENT);
+    }
+
+    #[test]
+    fn queries_are_escaped() {
+        let filter = AuditFilter {
+            action: Some("session".into()),
+            since: Some("2026-11-23T10:00:00+02:00".into()),
+            user: Some("a b&c".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            with_query("/api/v1/audit", &filter.query()),
+            "/api/v1/audit?action=session&user=a%20b%26c&since=2026-11-23T10%3A00%3A00%2B02%3A00"
+        );
+        assert_eq!(with_query("/p", &[]), "/p");
+        assert!(check_user_name("bob.smith_2").is_ok());
+        for bad in ["", "-x", "a/b", "../x", &"a".repeat(65)] {
+            let e = check_user_name(bad).unwrap_err();
+            assert_eq!(e.exit_code(), crate::exit::INVALID_ARGUMENT, "{bad}");
+        }
+    }
+
+    #[test]
+    fn patches_send_only_what_changes() {
+        let patch = UserPatch {
+            password: Some(None),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&patch).unwrap(),
+            r#"{"password":null}"#
+        );
+        assert!(UserPatch::default().is_empty());
     }
 
     #[test]

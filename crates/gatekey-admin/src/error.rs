@@ -19,7 +19,8 @@ pub struct ApiError {
     pub code: String,
     pub message: String,
     /// What the user can do about it, when the client knows more than the
-    /// server said (e.g. the exact command that enables sessions).
+    /// server said (e.g. the exact command that enables sessions). An empty
+    /// hint means none at all, not even the default one.
     pub hint: Option<String>,
 }
 
@@ -139,6 +140,7 @@ impl std::fmt::Display for ApiError {
         };
         f.write_str(message)?;
         if let Some(hint) = self.hint.as_deref().or_else(|| self.default_hint())
+            && !hint.is_empty()
             && !self.already_advises()
         {
             write!(f, "; {hint}")?;
@@ -405,6 +407,16 @@ mod tests {
             inner.to_string(),
             "sessions are disabled for hub-1; enable it with `gatekey-admin mesh hub update a1 --session=true`"
         );
+        // An empty hint silences the default one (a failed password login).
+        let mut wrong_password = match api(
+            401,
+            r#"{"code":"unauthenticated","message":"invalid user or password"}"#,
+        ) {
+            ClientError::Api(a) => a,
+            _ => unreachable!(),
+        };
+        wrong_password.hint = Some(String::new());
+        assert_eq!(wrong_password.to_string(), "invalid user or password");
         // A server message that already advises is not repeated.
         let e = api(
             403,

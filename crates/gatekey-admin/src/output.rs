@@ -6,7 +6,9 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 
-use crate::api::{Agent, LiveSession, Node};
+use serde_json::Value;
+
+use crate::api::{Agent, ApiKey, AuditRecord, LiveSession, Node, User};
 use crate::error::ClientError;
 
 /// `-o/--output`.
@@ -84,6 +86,211 @@ pub fn format_time(rfc3339: Option<&str>) -> String {
         .ok()
         .and_then(|t| t.to_offset(time::UtcOffset::UTC).format(&shown).ok())
         .unwrap_or_else(|| text.to_string())
+}
+
+/// `YYYY-MM-DD HH:MM UTC`, for expiries; an unparsable value as it came.
+pub fn format_minute(rfc3339: &str) -> String {
+    let shown = format_description!("[year]-[month]-[day] [hour]:[minute] UTC");
+    OffsetDateTime::parse(rfc3339, &Rfc3339)
+        .ok()
+        .and_then(|t| t.to_offset(time::UtcOffset::UTC).format(&shown).ok())
+        .unwrap_or_else(|| rfc3339.to_string())
+}
+
+/// A scope list for people: comma-separated, or `all nodes` when empty.
+pub fn scopes_text(scopes: &[String]) -> String {
+    if scopes.is_empty() {
+        "all nodes".into()
+    } else {
+        scopes.join(",")
+    }
+}
+
+/// The table of `user list`.
+pub fn users_table(users: &[User]) -> String {
+    let mut table = Table::new(&[
+        ("NAME", 0),
+        ("ROLE", 8),
+        ("SCOPES", 0),
+        ("PASSWORD", 0),
+        ("CREATED", 19),
+    ]);
+    for u in users {
+        table.push(vec![
+            u.name.clone(),
+            u.role.clone(),
+            scopes_text(&u.scopes),
+            if u.has_password { "yes" } else { "no" }.into(),
+            format_time(u.created_at.as_deref()),
+        ]);
+    }
+    table.render()
+}
+
+/// The table of `apikey list`; STATUS as of `now`.
+pub fn api_keys_table(keys: &[ApiKey], now: OffsetDateTime) -> String {
+    let mut table = Table::new(&[
+        ("ID", 0),
+        ("USER", 0),
+        ("NAME", 0),
+        ("PREFIX", 0),
+        ("CREATED", 19),
+        ("EXPIRES", 19),
+        ("LAST USED", 19),
+        ("STATUS", 0),
+    ]);
+    let or_never = |t: &Option<String>| match t.as_deref().filter(|t| !t.is_empty()) {
+        Some(t) => format_time(Some(t)),
+        None => "never".into(),
+    };
+    for k in keys {
+        table.push(vec![
+            k.id.clone(),
+            or_dash(&k.user),
+            or_dash(&k.name),
+            or_dash(&k.prefix),
+            format_time(k.created_at.as_deref()),
+            or_never(&k.expires_at),
+            or_never(&k.last_used_at),
+            k.status(now).into(),
+        ]);
+    }
+    table.render()
+}
+
+/// The table of `audit list`, one line per record.
+pub fn audit_table(records: &[AuditRecord]) -> String {
+    let mut table = Table::new(&[
+        ("TIME", 19),
+        ("ACTION", 0),
+        ("USER", 0),
+        ("AGENT", 0),
+        ("OUTCOME", 0),
+        ("DETAIL", 0),
+    ]);
+    for r in records {
+        table.push(vec![
+            format_time(Some(&r.time)),
+            or_dash(&one_line(&r.action, 40)),
+            or_dash(&one_line(r.user.as_deref().unwrap_or(""), 32)),
+            or_dash(&one_line(r.agent.as_deref().unwrap_or(""), 32)),
+            or_dash(&one_line(&r.outcome, 16)),
+            or_dash(&detail_summary(&r.detail)),
+        ]);
+    }
+    table.render()
+}
+
+/// Keys of an audit record's detail shown first, in this order; the rest
+/// follow alphabetically.
+const DETAIL_ORDER: [&str; 16] = [
+    "kind",
+    "command",
+    "exit_code",
+    "signal",
+    "timed_out",
+    "mode",
+    "reason",
+    "name",
+    "id",
+    "user",
+    "role",
+    "scopes",
+    "changed",
+    "duration_ms",
+    "bytes_in",
+    "bytes_out",
+];
+/// Longest value shown in a detail summary, and longest summary.
+const DETAIL_VALUE_MAX: usize = 40;
+const DETAIL_MAX: usize = 100;
+
+/// An audit record's detail on one short line: `key=value` pairs, the
+/// telling ones first (`kind=exec command="ip addr" exit=0 duration=12ms
+/// out=1.4KiB`), long values cut with `…`.
+pub fn detail_summary(detail: &Value) -> String {
+    let map = match detail {
+        Value::Null => return String::new(),
+        Value::Object(map) => map,
+        other => return one_line(&compact(other), DETAIL_MAX),
+    };
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort_by_key(|k| {
+        (
+            DETAIL_ORDER
+                .iter()
+                .position(|o| o == k)
+                .unwrap_or(DETAIL_ORDER.len()),
+            k.as_str(),
+        )
+    });
+    let mut parts = Vec::new();
+    for key in keys {
+        let value = &map[key];
+        let part = match (key.as_str(), value) {
+            (_, Value::Null) => continue,
+            ("exit_code", v) => format!("exit={}", compact(v)),
+            ("duration_ms", Value::Number(n)) if n.as_u64().is_some() => format!(
+                "duration={}",
+                gatekey_proto::duration::format(std::time::Duration::from_millis(
+                    n.as_u64().unwrap_or(0)
+                ))
+            ),
+            ("bytes_in" | "bytes_out", Value::Number(n)) if n.as_u64().is_some() => format!(
+                "{}={}",
+                key.trim_start_matches("bytes_"),
+                human_bytes(n.as_u64().unwrap_or(0)).replace(' ', "")
+            ),
+            (_, v) => format!("{key}={}", one_line(&compact(v), DETAIL_VALUE_MAX)),
+        };
+        parts.push(part);
+    }
+    one_line(&parts.join(" "), DETAIL_MAX)
+}
+
+/// A JSON value as a short token: strings bare unless they hold spaces,
+/// quotes, `=` or control characters (then JSON-quoted, so one line).
+fn compact(v: &Value) -> String {
+    match v {
+        Value::String(s)
+            if !s.is_empty()
+                && !s
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '=') =>
+        {
+            s.clone()
+        }
+        Value::Array(items) if items.iter().all(|i| matches!(i, Value::String(_))) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(","),
+        other => other.to_string(),
+    }
+}
+
+/// `s` on one line (control characters escaped), cut to `max` characters.
+fn one_line(s: &str, max: usize) -> String {
+    let clean: String = if s.chars().any(char::is_control) {
+        s.chars().flat_map(char::escape_default).collect()
+    } else {
+        s.to_string()
+    };
+    match clean.char_indices().nth(max) {
+        Some((i, _)) => {
+            let cut = clean[..i].char_indices().nth(max - 1).map_or(i, |(j, _)| j);
+            format!("{}…", &clean[..cut])
+        }
+        None => clean,
+    }
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_string()
+    } else {
+        s.to_string()
+    }
 }
 
 /// Why sessions are (not) available on an agent, for `session list --all`.
@@ -386,6 +593,110 @@ s_3f9c01 hub-1    console admin,bob shared    2026-11-22 21:40:00 120 B 47 KiB
 s_77     e5f6a7b8 exec    ci        exclusive -                   0 B   1.9 MiB
 ";
         assert_eq!(sessions_table(&sessions), expected);
+    }
+
+    #[test]
+    fn users_table_layout() {
+        let users: Vec<User> = serde_json::from_value(serde_json::json!([
+            {"id": "u_1", "name": "admin", "role": "admin", "scopes": [], "has_password": false,
+             "created_at": "2026-11-01T10:00:00Z"},
+            {"id": "u_2", "name": "bob", "role": "operator", "scopes": ["spoke:dc-*", "hub:*"],
+             "has_password": true, "created_at": "2026-11-02T10:00:00Z"},
+        ]))
+        .unwrap();
+        let expected = "\
+NAME  ROLE     SCOPES           PASSWORD CREATED
+----- -------- ---------------- -------- -------------------
+admin admin    all nodes        no       2026-11-01 10:00:00
+bob   operator spoke:dc-*,hub:* yes      2026-11-02 10:00:00
+";
+        assert_eq!(users_table(&users), expected);
+    }
+
+    #[test]
+    fn api_keys_table_layout() {
+        let keys: Vec<ApiKey> = serde_json::from_value(serde_json::json!([
+            {"id": "k_1", "user": "bob", "name": "laptop", "prefix": "gka_k_1", "scopes": [],
+             "created_at": "2026-11-01T10:00:00Z", "expires_at": "2026-12-01T10:00:00Z",
+             "revoked_at": null, "last_used_at": "2026-11-02T09:00:00Z"},
+            {"id": "k_2", "user": "bob", "name": "ci", "prefix": "gka_k_2", "scopes": [],
+             "created_at": "2026-11-01T10:00:00Z", "expires_at": null,
+             "revoked_at": "2026-11-03T10:00:00Z", "last_used_at": null},
+            {"id": "k_3", "user": "alice", "name": "login", "prefix": "gka_k_3", "scopes": [],
+             "created_at": "2026-11-01T10:00:00Z", "expires_at": "2026-11-01T22:00:00Z",
+             "revoked_at": null, "last_used_at": null},
+        ]))
+        .unwrap();
+        let now = OffsetDateTime::parse("2026-11-15T00:00:00Z", &Rfc3339).unwrap();
+        let expected = "\
+ID  USER  NAME   PREFIX  CREATED             EXPIRES             LAST USED           STATUS
+--- ----- ------ ------- ------------------- ------------------- ------------------- -------
+k_1 bob   laptop gka_k_1 2026-11-01 10:00:00 2026-12-01 10:00:00 2026-11-02 09:00:00 active
+k_2 bob   ci     gka_k_2 2026-11-01 10:00:00 never               never               revoked
+k_3 alice login  gka_k_3 2026-11-01 10:00:00 2026-11-01 22:00:00 never               expired
+";
+        assert_eq!(api_keys_table(&keys, now), expected);
+    }
+
+    #[test]
+    fn audit_table_layout() {
+        let records: Vec<AuditRecord> = serde_json::from_value(serde_json::json!([
+            {"seq": 43, "time": "2026-11-23T10:00:01.123Z", "action": "session.closed", "outcome": "ok",
+             "user": "bob", "agent": "hub-1", "session_id": "s_3f9c",
+             "detail": {"kind": "exec", "command": "ip addr", "exit_code": 0, "duration_ms": 12,
+                        "bytes_in": 0, "bytes_out": 1432}},
+            {"seq": 42, "time": "2026-11-23T09:59:00Z", "action": "auth.failed", "outcome": "denied",
+             "user": "mallory", "agent": null, "detail": {"reason": "invalid user or password", "client": "cli"}},
+            {"seq": 41, "time": "2026-11-23T09:58:00Z", "action": "audit.pruned", "outcome": "ok",
+             "detail": null},
+        ]))
+        .unwrap();
+        let expected = "\
+TIME                ACTION         USER    AGENT OUTCOME DETAIL
+------------------- -------------- ------- ----- ------- -----------------------------------------------------------------
+2026-11-23 10:00:01 session.closed bob     hub-1 ok      kind=exec command=\"ip addr\" exit=0 duration=12ms in=0B out=1.4KiB
+2026-11-23 09:59:00 auth.failed    mallory -     denied  reason=\"invalid user or password\" client=cli
+2026-11-23 09:58:00 audit.pruned   -       -     ok      -
+";
+        assert_eq!(audit_table(&records), expected);
+    }
+
+    #[test]
+    fn detail_summaries_stay_on_one_short_line() {
+        let long = "x".repeat(200);
+        let summary = detail_summary(&serde_json::json!({
+            "command": format!("echo {long}\nrm -rf /"), "mode": "shared",
+            "scopes": ["spoke:dc-*", "hub:*"], "extra": {"a": 1}
+        }));
+        // Each value is cut on its own; a newline in it is escaped.
+        assert_eq!(
+            summary,
+            "command=\"echo xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx… mode=shared scopes=spoke:dc-*,hub:* extra={\"a\":1}"
+        );
+        let escaped = detail_summary(&serde_json::json!({"command": "a\nb"}));
+        assert_eq!(escaped, "command=\"a\\nb\"");
+        // So is the whole line.
+        let many: serde_json::Map<String, Value> = (0..10)
+            .map(|i| (format!("key{i}"), Value::String("v".repeat(30))))
+            .collect();
+        let summary = detail_summary(&Value::Object(many));
+        assert_eq!(summary.chars().count(), DETAIL_MAX, "{summary}");
+        assert!(summary.ends_with('…'), "{summary}");
+        assert_eq!(detail_summary(&serde_json::json!("text")), "text");
+        assert_eq!(detail_summary(&Value::Null), "");
+        assert_eq!(
+            detail_summary(&serde_json::json!({"kind": "console", "exit_code": null, "signal": 9})),
+            "kind=console signal=9"
+        );
+    }
+
+    #[test]
+    fn minutes_for_expiries() {
+        assert_eq!(
+            format_minute("2026-12-01T11:00:30+01:00"),
+            "2026-12-01 10:00 UTC"
+        );
+        assert_eq!(format_minute("soon"), "soon");
     }
 
     #[test]

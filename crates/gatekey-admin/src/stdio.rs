@@ -151,8 +151,14 @@ fn write_fd(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
 }
 
 /// Prints `prompt` on stderr and reads one line from the terminal on stdin
-/// without echoing it. Blocking; run it off the async threads.
+/// without echoing it, trimmed. Blocking; run it off the async threads.
 pub fn read_secret(prompt: &str) -> io::Result<String> {
+    read_secret_line(prompt).map(|line| line.trim().to_string())
+}
+
+/// As [`read_secret`], but only the line ending is removed (for passwords,
+/// where spaces count).
+pub fn read_secret_line(prompt: &str) -> io::Result<String> {
     let stdin = io::stdin();
     let mut stderr = io::stderr();
     write!(stderr, "{prompt}")?;
@@ -166,7 +172,18 @@ pub fn read_secret(prompt: &str) -> io::Result<String> {
     let _restore = RestoreTermios { saved };
     let mut line = String::new();
     stdin.lock().read_line(&mut line)?;
-    Ok(line.trim().to_string())
+    Ok(strip_line_ending(line))
+}
+
+/// `line` without its final `\n` or `\r\n`.
+pub fn strip_line_ending(mut line: String) -> String {
+    if line.ends_with('\n') {
+        line.pop();
+        if line.ends_with('\r') {
+            line.pop();
+        }
+    }
+    line
 }
 
 /// Puts the terminal back as it was, whatever happens while reading.

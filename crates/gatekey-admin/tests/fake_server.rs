@@ -7,12 +7,14 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use gatekey_admin::api::{ExecRequest, NodeType};
+use gatekey_admin::cli::{Sandbox, SandboxRun};
 use gatekey_admin::exit;
 use gatekey_admin::stream::{
     self, ConsoleMode, ConsoleOptions, Ending, ExecOptions, TerminalInput,
@@ -32,13 +34,39 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
 const KEY: &str = "gka_test";
+/// The key `POST /api/v1/login` hands out (for bob, "correct horse battery").
+const LOGIN_KEY: &str = "gka_fromlogin";
+/// A viewer's key: may not manage users.
+const VIEWER_KEY: &str = "gka_viewer";
+const PASSWORD: &str = "correct horse battery";
+/// Records in the fake audit log: seq 1..=AUDIT_RECORDS.
+const AUDIT_RECORDS: i64 = 2500;
 
 struct Fake {
     addr: SocketAddr,
     ca: PathBuf,
     /// Sessions the client closed while the command was still "running".
     cancelled: Arc<AtomicUsize>,
+    /// What the identity and audit endpoints were sent, and a switch.
+    state: Arc<FakeState>,
     _dir: TempDir,
+}
+
+#[derive(Default)]
+struct FakeState {
+    requests: Mutex<Vec<Seen>>,
+    /// `GET /api/v1/audit/verify` reports a broken chain.
+    audit_broken: AtomicBool,
+}
+
+/// One request to the identity or audit endpoints, as the fake saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    query: String,
+    authorization: Option<String>,
+    body: Value,
 }
 
 struct TempDir(PathBuf);
@@ -63,8 +91,10 @@ impl Fake {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cancelled = Arc::new(AtomicUsize::new(0));
+        let state = Arc::new(FakeState::default());
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let counter = cancelled.clone();
+        let shared = state.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -72,11 +102,13 @@ impl Fake {
                 };
                 let acceptor = acceptor.clone();
                 let counter = counter.clone();
+                let shared = shared.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let service = service_fn(move |req| handle(req, counter.clone()));
+                    let service =
+                        service_fn(move |req| handle(req, counter.clone(), shared.clone()));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .keep_alive(keep_alive)
                         .serve_connection(TokioIo::new(tls), service)
@@ -89,10 +121,58 @@ impl Fake {
             addr,
             ca,
             cancelled,
+            state,
             _dir: TempDir(dir),
         }
     }
 
+    fn server(&self) -> String {
+        format!("https://127.0.0.1:{}", self.addr.port())
+    }
+
+    /// The identity and audit requests so far, oldest first.
+    fn requests(&self) -> Vec<Seen> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    fn forget_requests(&self) {
+        self.state.requests.lock().unwrap().clear();
+    }
+
+    /// The one request since [`Fake::forget_requests`].
+    fn only_request(&self) -> Seen {
+        let seen = self.requests();
+        assert_eq!(seen.len(), 1, "{seen:#?}");
+        seen.into_iter().next().unwrap()
+    }
+
+    /// Runs `gatekey-admin --server … --api-key KEY --ca-cert … ARGS` in a
+    /// sandbox with `stdin`.
+    async fn cli_with(&self, key: &str, stdin: &str, args: &[&str]) -> SandboxRun {
+        self.forget_requests();
+        let server = self.server();
+        let ca = self.ca.display().to_string();
+        let mut all = vec![
+            "gatekey-admin",
+            "--server",
+            &server,
+            "--api-key",
+            key,
+            "--ca-cert",
+            &ca,
+        ];
+        all.extend_from_slice(args);
+        Sandbox {
+            stdin: stdin.as_bytes().to_vec(),
+            settings_file: None,
+        }
+        .run(all)
+        .await
+    }
+
+    async fn cli(&self, args: &[&str]) -> SandboxRun {
+        self.cli_with(KEY, "", args).await
+    }
     fn config(&self) -> ClientConfig {
         ClientConfig {
             server: format!("https://127.0.0.1:{}", self.addr.port()),
@@ -105,6 +185,23 @@ impl Fake {
     fn client(&self) -> Client {
         Client::new(self.config()).unwrap()
     }
+}
+
+/// The run succeeded and printed nothing on stderr.
+#[track_caller]
+fn ok(run: &SandboxRun) -> &str {
+    assert_eq!((run.code, run.stderr.as_str()), (exit::OK, ""), "{run:#?}");
+    &run.stdout
+}
+
+/// The run failed with `code` and one line on stderr, which is returned.
+#[track_caller]
+fn failed(run: &SandboxRun, code: i32) -> &str {
+    assert_eq!(run.code, code, "{run:#?}");
+    assert_eq!(run.stdout, "", "{run:#?}");
+    let line = run.stderr.strip_prefix("gatekey-admin: ").expect("prefix");
+    assert_eq!(line.lines().count(), 1, "{run:#?}");
+    line.trim_end()
 }
 
 fn tls_identity() -> (Arc<rustls::ServerConfig>, String) {
@@ -160,9 +257,38 @@ fn agents() -> Vec<Value> {
     ]
 }
 
-async fn handle(req: Request<Incoming>, cancelled: Arc<AtomicUsize>) -> Result<Reply, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    cancelled: Arc<AtomicUsize>,
+    state: Arc<FakeState>,
+) -> Result<Reply, Infallible> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
+    let identity = ["users", "apikeys", "whoami", "login", "logout", "audit"]
+        .iter()
+        .any(|p| path.starts_with(&format!("/api/v1/{p}")));
+    if identity {
+        let authorization = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let method = req.method().to_string();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let seen = Seen {
+            method,
+            path,
+            query,
+            authorization,
+            body: if body.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&body).unwrap()
+            },
+        };
+        state.requests.lock().unwrap().push(seen.clone());
+        return Ok(identity_routes(&seen, &state));
+    }
     if path == "/api/v1/version" {
         return Ok(reply(
             StatusCode::OK,
@@ -316,6 +442,254 @@ async fn handle(req: Request<Incoming>, cancelled: Arc<AtomicUsize>) -> Result<R
         }
         _ => api_error(StatusCode::NOT_FOUND, "not_found", "no such path"),
     })
+}
+
+fn no_content() -> Reply {
+    Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(Full::default())
+        .unwrap()
+}
+
+fn user(name: &str, role: &str, scopes: Value, has_password: bool) -> Value {
+    json!({"id": format!("u_{name}"), "name": name, "role": role, "scopes": scopes,
+           "has_password": has_password, "created_at": "2026-11-01T10:00:00Z",
+           "updated_at": "2026-11-01T10:00:00Z"})
+}
+
+fn api_keys() -> Vec<Value> {
+    vec![
+        json!({"id": "k_1", "user": "bob", "name": "laptop", "prefix": "gka_k_1", "scopes": [],
+               "kind": "api", "created_at": "2026-11-01T10:00:00Z", "expires_at": "2999-01-01T00:00:00Z",
+               "revoked_at": null, "last_used_at": "2026-11-02T09:00:00Z"}),
+        json!({"id": "k_2", "user": "bob", "name": "ci", "prefix": "gka_k_2", "scopes": ["hub:*"],
+               "kind": "api", "created_at": "2026-11-01T10:00:00Z", "expires_at": null,
+               "revoked_at": "2026-11-03T10:00:00Z", "last_used_at": null}),
+        json!({"id": "k_3", "user": "alice", "name": "login", "prefix": "gka_k_3", "scopes": [],
+               "kind": "login", "created_at": "2026-11-01T10:00:00Z", "expires_at": "2020-01-01T00:00:00Z",
+               "revoked_at": null, "last_used_at": null}),
+    ]
+}
+
+/// Record `seq` of the fake audit log: every third a closed exec session
+/// on hub-1 by bob, the others execs and logins.
+fn audit_record(seq: i64) -> Value {
+    let time = format!("2026-11-23T00:{:02}:{:02}.000Z", seq / 60, seq % 60);
+    let (action, agent, detail) = match seq % 3 {
+        0 => (
+            "session.closed",
+            json!("hub-1"),
+            json!({"kind": "exec", "command": "ip addr", "exit_code": 0, "duration_ms": 12,
+                   "bytes_in": 0, "bytes_out": 1432}),
+        ),
+        1 => (
+            "exec",
+            json!("spoke-dc"),
+            json!({"command": "uptime", "exit_code": 1}),
+        ),
+        _ => ("auth.login", Value::Null, json!({"client": "cli"})),
+    };
+    json!({"seq": seq, "time": time, "action": action, "outcome": "ok", "user": "bob",
+           "remote_addr": "10.0.0.5:51234", "agent": agent, "session_id": null, "detail": detail,
+           "prev_hash": format!("h{}", seq - 1), "hash": format!("h{seq}")})
+}
+
+fn query_params(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), percent_decode(v)))
+        .collect()
+}
+
+/// The audit records matching the query's action filter, oldest first.
+fn audit_matching(params: &[(String, String)]) -> impl DoubleEndedIterator<Item = Value> {
+    let action = params
+        .iter()
+        .find(|(k, _)| k == "action")
+        .map(|(_, v)| v.clone());
+    (1..=AUDIT_RECORDS).map(audit_record).filter(move |r| {
+        let a = r["action"].as_str().unwrap();
+        action
+            .as_deref()
+            .is_none_or(|want| a == want || a.starts_with(&format!("{want}.")))
+    })
+}
+
+/// Users, API keys, login and the audit log (docs/api.md).
+fn identity_routes(seen: &Seen, state: &FakeState) -> Reply {
+    let segments: Vec<&str> = seen.path.trim_start_matches('/').split('/').collect();
+    let params = query_params(&seen.query);
+    let body = &seen.body;
+    if let ("POST", ["api", "v1", "login"]) = (seen.method.as_str(), segments.as_slice()) {
+        assert_eq!(seen.authorization, None, "login carries no key");
+        return if body["user"] == "bob" && body["password"] == PASSWORD && body["client"] == "cli" {
+            reply(
+                StatusCode::CREATED,
+                json!({"id": "k_login", "user": "bob", "name": "login", "prefix": "gka_k_login",
+                       "scopes": [], "kind": "login", "created_at": "2026-11-23T10:00:00Z",
+                       "expires_at": "2026-11-23T22:00:00Z", "revoked_at": null,
+                       "last_used_at": null, "key": LOGIN_KEY}),
+            )
+        } else {
+            api_error(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "invalid user or password",
+            )
+        };
+    }
+    let key = seen
+        .authorization
+        .as_deref()
+        .and_then(|a| a.strip_prefix("Bearer "));
+    if !matches!(key, Some(KEY | LOGIN_KEY | VIEWER_KEY)) {
+        return api_error(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "unknown API key",
+        );
+    }
+    if key == Some(VIEWER_KEY) && matches!(segments.as_slice(), ["api", "v1", "users", ..]) {
+        return api_error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "user carol (viewer) may not manage users and keys",
+        );
+    }
+    match (seen.method.as_str(), segments.as_slice()) {
+        ("GET", ["api", "v1", "users"]) => reply(
+            StatusCode::OK,
+            json!({"items": [user("admin", "admin", json!([]), false),
+                             user("bob", "operator", json!(["spoke:dc-*"]), true)]}),
+        ),
+        ("POST", ["api", "v1", "users"]) if body["name"] == "admin" => api_error(
+            StatusCode::CONFLICT,
+            "conflict",
+            "user admin already exists",
+        ),
+        ("POST", ["api", "v1", "users"]) => reply(
+            StatusCode::CREATED,
+            user(
+                body["name"].as_str().unwrap(),
+                body["role"].as_str().unwrap(),
+                body.get("scopes").cloned().unwrap_or(json!([])),
+                body.get("password").is_some_and(Value::is_string),
+            ),
+        ),
+        ("PATCH", ["api", "v1", "users", name]) => {
+            let mut u = user(name, "operator", json!(["spoke:dc-*"]), true);
+            for field in ["role", "scopes"] {
+                if let Some(v) = body.get(field) {
+                    u[field] = v.clone();
+                }
+            }
+            if let Some(pw) = body.get("password") {
+                u["has_password"] = json!(pw.is_string());
+            }
+            reply(StatusCode::OK, u)
+        }
+        ("DELETE", ["api", "v1", "users", "admin"]) => api_error(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the last admin cannot be deleted",
+        ),
+        ("DELETE", ["api", "v1", "users", "bob"]) => no_content(),
+        ("DELETE", ["api", "v1", "users", name]) => api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no user named {name:?}"),
+        ),
+        ("POST", ["api", "v1", "apikeys"]) => {
+            let user = body["user"].as_str().unwrap_or("admin");
+            let expires = body["expires_in_seconds"]
+                .as_u64()
+                .map(|_| json!("2026-12-01T10:00:00Z"))
+                .unwrap_or(Value::Null);
+            reply(
+                StatusCode::CREATED,
+                json!({"id": "k_new", "user": user, "name": body["name"].as_str().unwrap_or("api"),
+                       "prefix": "gka_k_new", "scopes": body.get("scopes").cloned().unwrap_or(json!([])),
+                       "kind": "api", "created_at": "2026-11-01T10:00:00Z", "expires_at": expires,
+                       "revoked_at": null, "last_used_at": null, "key": "gka_k_newSECRET"}),
+            )
+        }
+        ("GET", ["api", "v1", "apikeys"]) => {
+            let user = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v);
+            let items: Vec<Value> = api_keys()
+                .into_iter()
+                .filter(|k| user.is_none_or(|u| k["user"] == u.as_str()))
+                .collect();
+            reply(StatusCode::OK, json!({ "items": items }))
+        }
+        ("DELETE", ["api", "v1", "apikeys", "k_1"]) => no_content(),
+        ("DELETE", ["api", "v1", "apikeys", id]) => api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no API key {id:?}: see `gatekey-admin apikey list`"),
+        ),
+        ("GET", ["api", "v1", "whoami"]) => reply(
+            StatusCode::OK,
+            json!({"user": user("bob", "operator", json!(["spoke:dc-*"]), true),
+                   "key": {"id": "k_login", "user": "bob", "name": "login", "prefix": "gka_k_login",
+                           "scopes": [], "kind": "login", "created_at": "2026-11-23T10:00:00Z",
+                           "expires_at": "2026-11-23T22:00:00Z", "revoked_at": null, "last_used_at": null},
+                   "via": "api_key"}),
+        ),
+        ("POST", ["api", "v1", "logout"]) => no_content(),
+        ("GET", ["api", "v1", "audit"]) => {
+            let get = |name: &str| {
+                params
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.parse::<i64>().unwrap())
+            };
+            let limit = get("limit").unwrap_or(100);
+            if !(1..=1000).contains(&limit) {
+                return api_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_argument",
+                    "limit must be between 1 and 1000",
+                );
+            }
+            let before = get("before").unwrap_or(i64::MAX);
+            let items: Vec<Value> = audit_matching(&params)
+                .rev()
+                .filter(|r| r["seq"].as_i64().unwrap() < before)
+                .take(limit as usize)
+                .collect();
+            let next_before =
+                (items.len() as i64 == limit).then(|| items.last().unwrap()["seq"].clone());
+            reply(
+                StatusCode::OK,
+                json!({"items": items, "next_before": next_before}),
+            )
+        }
+        ("GET", ["api", "v1", "audit", "verify"]) => {
+            let mut v = json!({"ok": true, "records": AUDIT_RECORDS, "first_seq": 1,
+                               "last_seq": AUDIT_RECORDS, "head_hash": format!("h{AUDIT_RECORDS}"),
+                               "anchor": null});
+            if state.audit_broken.load(Ordering::SeqCst) {
+                v["ok"] = json!(false);
+                v["first_bad_seq"] = json!(17);
+                v["problem"] = json!("record 17 was changed after it was written");
+            }
+            reply(StatusCode::OK, v)
+        }
+        ("GET", ["api", "v1", "audit", "export"]) => {
+            let mut out = String::new();
+            for r in audit_matching(&params) {
+                out.push_str(&r.to_string());
+                out.push('\n');
+            }
+            Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/x-ndjson")
+                .body(Full::new(Bytes::from(out)))
+                .unwrap()
+        }
+        _ => api_error(StatusCode::NOT_FOUND, "not_found", "no such path"),
+    }
 }
 
 fn percent_decode(s: &str) -> String {
@@ -1281,4 +1655,789 @@ async fn console_echo_latency() {
     };
     let (ending, _) = tokio::join!(run, measure);
     assert!(matches!(ending.unwrap(), Ending::Status(_)));
+}
+
+// ---- users, API keys, login, whoami, audit: through the command line ----
+
+#[tokio::test]
+async fn user_create_sends_role_scopes_and_password() {
+    let fake = Fake::start(true).await;
+    let stdin = format!("{PASSWORD}\n");
+    let run = fake
+        .cli_with(
+            KEY,
+            &stdin,
+            &[
+                "user",
+                "create",
+                "bob",
+                "--role",
+                "operator",
+                "--scope",
+                "spoke:dc-*",
+                "--scope",
+                "hub:lab-?",
+                "--password-stdin",
+            ],
+        )
+        .await;
+    assert_eq!(
+        ok(&run),
+        "Created user bob (operator), reaching spoke:dc-*,hub:lab-?; it may log in with `gatekey-admin login --user bob`.\n"
+    );
+    let seen = fake.only_request();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("POST", "/api/v1/users")
+    );
+    assert_eq!(seen.authorization.as_deref(), Some("Bearer gka_test"));
+    assert_eq!(
+        seen.body,
+        json!({"name": "bob", "role": "operator", "scopes": ["spoke:dc-*", "hub:lab-?"], "password": PASSWORD})
+    );
+
+    // --password reads stdin when it is not a terminal; the line ending
+    // goes, spaces stay.
+    let run = fake
+        .cli_with(
+            KEY,
+            " spaced password \r\n",
+            &["user", "create", "carol", "--role", "viewer", "--password"],
+        )
+        .await;
+    ok(&run);
+    assert_eq!(fake.only_request().body["password"], " spaced password ");
+
+    // No password: none sent; -o json prints the server's object.
+    let run = fake
+        .cli(&["-o", "json", "user", "create", "dave", "--role", "admin"])
+        .await;
+    let user: Value = serde_json::from_str(ok(&run)).unwrap();
+    assert_eq!(
+        (&user["name"], &user["role"], &user["has_password"]),
+        (&json!("dave"), &json!("admin"), &json!(false))
+    );
+    assert_eq!(
+        fake.only_request().body,
+        json!({"name": "dave", "role": "admin", "scopes": []})
+    );
+    let run = fake
+        .cli(&["user", "create", "erin", "--role", "viewer"])
+        .await;
+    assert!(
+        ok(&run).contains(
+            "has no password: give it a key with `gatekey-admin apikey create --user erin`"
+        )
+    );
+
+    // A taken name is the server's conflict.
+    let run = fake
+        .cli(&["user", "create", "admin", "--role", "admin"])
+        .await;
+    assert_eq!(failed(&run, exit::CONFLICT), "user admin already exists");
+}
+
+#[tokio::test]
+async fn bad_scopes_and_passwords_are_refused_before_any_request() {
+    let fake = Fake::start(true).await;
+    for args in [
+        &[
+            "user", "create", "bob", "--role", "viewer", "--scope", "router:x",
+        ][..],
+        &["user", "update", "bob", "--scope", "hub"],
+        &["apikey", "create", "--scope", "spoke:dc/1"],
+    ] {
+        let run = fake.cli(args).await;
+        let line = failed(&run, exit::INVALID_ARGUMENT);
+        assert!(line.starts_with("invalid --scope \""), "{line}");
+        assert!(line.contains("TYPE:PATTERN"), "{line}");
+        assert!(fake.requests().is_empty(), "{args:?}");
+    }
+    let run = fake
+        .cli(&[
+            "user", "create", "bob", "--role", "viewer", "--scope", "router:x",
+        ])
+        .await;
+    assert_eq!(
+        failed(&run, exit::INVALID_ARGUMENT),
+        "invalid --scope \"router:x\": unknown node type (use TYPE:PATTERN with TYPE gateway, hub, spoke, device or *, e.g. spoke:dc-*, or control-plane)"
+    );
+
+    let run = fake
+        .cli_with(
+            KEY,
+            "short\n",
+            &["user", "create", "bob", "--role", "viewer", "--password"],
+        )
+        .await;
+    assert_eq!(
+        failed(&run, exit::INVALID_ARGUMENT),
+        "a password must be 8-1024 bytes long"
+    );
+    let run = fake
+        .cli_with(KEY, "", &["user", "update", "bob", "--password-stdin"])
+        .await;
+    assert_eq!(failed(&run, exit::INVALID_ARGUMENT), "no password on stdin");
+    let run = fake.cli(&["user", "delete", "../admin"]).await;
+    assert!(failed(&run, exit::INVALID_ARGUMENT).starts_with("invalid user name"));
+    let run = fake
+        .cli(&["apikey", "create", "--user", "bob", "--expires", "0s"])
+        .await;
+    assert_eq!(
+        failed(&run, exit::INVALID_ARGUMENT),
+        "--expires must be at least 1s"
+    );
+    assert!(fake.requests().is_empty());
+
+    // A role clap does not know is a usage error.
+    let run = fake.cli(&["user", "create", "bob", "--role", "root"]).await;
+    assert_eq!(run.code, exit::USAGE);
+    assert!(
+        run.stderr.contains("admin, operator, viewer"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[tokio::test]
+async fn user_list_update_delete() {
+    let fake = Fake::start(true).await;
+    let run = fake.cli(&["user", "list"]).await;
+    assert_eq!(
+        ok(&run),
+        "\
+NAME  ROLE     SCOPES     PASSWORD CREATED
+----- -------- ---------- -------- -------------------
+admin admin    all nodes  no       2026-11-01 10:00:00
+bob   operator spoke:dc-* yes      2026-11-01 10:00:00
+"
+    );
+    let seen = fake.only_request();
+    assert_eq!(
+        (
+            seen.method.as_str(),
+            seen.path.as_str(),
+            seen.query.as_str()
+        ),
+        ("GET", "/api/v1/users", "")
+    );
+    let run = fake.cli(&["user", "list", "-o", "json"]).await;
+    let users: Value = serde_json::from_str(ok(&run)).unwrap();
+    assert_eq!(users[1]["scopes"], json!(["spoke:dc-*"]));
+    assert_eq!(users.as_array().unwrap().len(), 2);
+
+    let run = fake
+        .cli(&[
+            "user",
+            "update",
+            "bob",
+            "--role",
+            "viewer",
+            "--clear-scopes",
+            "--no-password",
+        ])
+        .await;
+    assert_eq!(
+        ok(&run),
+        "Updated user bob: viewer, reaching all nodes, password removed.\n"
+    );
+    let seen = fake.only_request();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("PATCH", "/api/v1/users/bob")
+    );
+    assert_eq!(
+        seen.body,
+        json!({"role": "viewer", "scopes": [], "password": null})
+    );
+
+    let run = fake
+        .cli(&[
+            "user",
+            "update",
+            "bob",
+            "--scope",
+            "hub:*",
+            "--scope",
+            "control-plane",
+        ])
+        .await;
+    ok(&run);
+    assert_eq!(
+        fake.only_request().body,
+        json!({"scopes": ["hub:*", "control-plane"]})
+    );
+    let stdin = format!("{PASSWORD}\n");
+    let run = fake
+        .cli_with(
+            KEY,
+            &stdin,
+            &["-o", "json", "user", "update", "bob", "--password"],
+        )
+        .await;
+    let user: Value = serde_json::from_str(ok(&run)).unwrap();
+    assert_eq!(user["has_password"], true);
+    assert_eq!(fake.only_request().body, json!({"password": PASSWORD}));
+
+    let run = fake.cli(&["user", "delete", "bob"]).await;
+    assert_eq!(ok(&run), "Deleted user bob; its API keys no longer work.\n");
+    let seen = fake.only_request();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("DELETE", "/api/v1/users/bob")
+    );
+    let run = fake.cli(&["user", "delete", "admin"]).await;
+    assert_eq!(
+        failed(&run, exit::CONFLICT),
+        "the last admin cannot be deleted"
+    );
+    let run = fake.cli(&["user", "delete", "nobody"]).await;
+    assert_eq!(failed(&run, exit::NOT_FOUND), "no user named \"nobody\"");
+}
+
+#[tokio::test]
+async fn forbidden_shows_the_servers_message() {
+    let fake = Fake::start(true).await;
+    let run = fake.cli_with(VIEWER_KEY, "", &["user", "list"]).await;
+    assert_eq!(
+        failed(&run, exit::FORBIDDEN),
+        "user carol (viewer) may not manage users and keys"
+    );
+    let run = fake
+        .cli_with(VIEWER_KEY, "", &["-o", "json", "user", "delete", "bob"])
+        .await;
+    assert_eq!(
+        failed(&run, exit::FORBIDDEN),
+        "user carol (viewer) may not manage users and keys"
+    );
+}
+
+#[tokio::test]
+async fn apikey_create_shows_the_key_once() {
+    let fake = Fake::start(true).await;
+    let run = fake
+        .cli(&[
+            "apikey",
+            "create",
+            "--user",
+            "bob",
+            "--name",
+            "laptop",
+            "--expires",
+            "30d",
+            "--scope",
+            "hub:*",
+        ])
+        .await;
+    let out = ok(&run);
+    assert_eq!(
+        out,
+        "API key for bob (laptop), expires 2026-12-01 10:00 UTC, limited to hub:*:\n  gka_k_newSECRET\n\
+         Store it now: it is not shown again (id k_new).\n"
+    );
+    assert_eq!(out.matches("gka_k_newSECRET").count(), 1);
+    let seen = fake.only_request();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("POST", "/api/v1/apikeys")
+    );
+    assert_eq!(
+        seen.body,
+        json!({"user": "bob", "name": "laptop", "expires_in_seconds": 2_592_000, "scopes": ["hub:*"]})
+    );
+
+    // Nothing but what is given: the server fills in the rest.
+    let run = fake.cli(&["-o", "json", "apikey", "create"]).await;
+    let key: Value = serde_json::from_str(ok(&run)).unwrap();
+    assert_eq!(
+        (&key["id"], &key["key"], &key["user"], &key["expires_at"]),
+        (
+            &json!("k_new"),
+            &json!("gka_k_newSECRET"),
+            &json!("admin"),
+            &Value::Null
+        )
+    );
+    assert_eq!(fake.only_request().body, json!({}));
+    for (expires, seconds) in [("12h", 43_200), ("90m", 5_400), ("3600s", 3_600)] {
+        let run = fake.cli(&["apikey", "create", "--expires", expires]).await;
+        assert!(ok(&run).contains("expires 2026-12-01 10:00 UTC:\n"));
+        assert_eq!(
+            fake.only_request().body,
+            json!({"expires_in_seconds": seconds})
+        );
+    }
+    let run = fake.cli(&["apikey", "create", "--name", "ci"]).await;
+    assert!(ok(&run).starts_with("API key for admin (ci), never expires:\n  gka_k_newSECRET\n"));
+}
+
+#[tokio::test]
+async fn apikey_list_and_revoke() {
+    let fake = Fake::start(true).await;
+    let run = fake.cli(&["apikey", "list", "--user", "bob"]).await;
+    assert_eq!(
+        ok(&run),
+        "\
+ID  USER NAME   PREFIX  CREATED             EXPIRES             LAST USED           STATUS
+--- ---- ------ ------- ------------------- ------------------- ------------------- -------
+k_1 bob  laptop gka_k_1 2026-11-01 10:00:00 2999-01-01 00:00:00 2026-11-02 09:00:00 active
+k_2 bob  ci     gka_k_2 2026-11-01 10:00:00 never               never               revoked
+"
+    );
+    let seen = fake.only_request();
+    assert_eq!(
+        (
+            seen.method.as_str(),
+            seen.path.as_str(),
+            seen.query.as_str()
+        ),
+        ("GET", "/api/v1/apikeys", "user=bob")
+    );
+    let run = fake.cli(&["apikey", "list", "-o", "json"]).await;
+    let keys: Value = serde_json::from_str(ok(&run)).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 3);
+    assert_eq!(keys[2]["kind"], "login");
+    assert_eq!(fake.only_request().query, "");
+    let run = fake.cli(&["apikey", "list"]).await;
+    assert!(ok(&run).lines().nth(4).unwrap().ends_with(" expired"));
+
+    let run = fake.cli(&["apikey", "revoke", "k_1"]).await;
+    assert_eq!(ok(&run), "Revoked API key k_1; it no longer works.\n");
+    let seen = fake.only_request();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("DELETE", "/api/v1/apikeys/k_1")
+    );
+    let run = fake.cli(&["apikey", "revoke", "k_nope"]).await;
+    assert_eq!(
+        failed(&run, exit::NOT_FOUND),
+        "no API key \"k_nope\": see `gatekey-admin apikey list`"
+    );
+}
+
+/// A sandbox whose settings file lives in a fresh directory.
+fn settings_sandbox(stdin: &str) -> (Sandbox, TempDir) {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "gatekey-admin-settings-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let sandbox = Sandbox {
+        stdin: stdin.as_bytes().to_vec(),
+        settings_file: Some(dir.join("gatekey").join("admin.yaml")),
+    };
+    (sandbox, TempDir(dir))
+}
+
+#[tokio::test]
+async fn login_with_a_password_saves_the_key_and_logout_revokes_it() {
+    let fake = Fake::start(true).await;
+    let server = fake.server();
+    let ca = fake.ca.display().to_string();
+    let stdin = format!("{PASSWORD}\n");
+    let (sandbox, _dir) = settings_sandbox(&stdin);
+    let settings = sandbox.settings_file.clone().unwrap();
+
+    let run = sandbox
+        .run([
+            "gatekey-admin",
+            "--server",
+            &server,
+            "--ca-cert",
+            &ca,
+            "login",
+            "--user",
+            "bob",
+        ])
+        .await;
+    assert_eq!(
+        ok(&run),
+        format!(
+            "Logged in to {server} as bob (key k_login, expires 2026-11-23 22:00 UTC); settings saved to {}\n",
+            settings.display()
+        )
+    );
+    let seen = fake.only_request();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("POST", "/api/v1/login")
+    );
+    assert_eq!(
+        seen.body,
+        json!({"user": "bob", "password": PASSWORD, "client": "cli"})
+    );
+    assert_eq!(seen.authorization, None);
+    let saved = std::fs::read_to_string(&settings).unwrap();
+    assert!(saved.contains(&format!("api_key: {LOGIN_KEY}")), "{saved}");
+    assert!(saved.contains(&format!("server: {server}")), "{saved}");
+
+    // The saved key is used from now on.
+    fake.forget_requests();
+    let run = sandbox.run(["gatekey-admin", "whoami"]).await;
+    assert_eq!(
+        ok(&run),
+        format!(
+            "User:    bob\nRole:    operator\nScopes:  spoke:dc-*\nKey:     login (k_login), expires 2026-11-23 22:00 UTC\nServer:  {server}\n"
+        )
+    );
+    let seen = fake.only_request();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("GET", "/api/v1/whoami")
+    );
+    assert_eq!(seen.authorization, Some(format!("Bearer {LOGIN_KEY}")));
+    let run = sandbox.run(["gatekey-admin", "whoami", "-o", "json"]).await;
+    let me: Value = serde_json::from_str(ok(&run)).unwrap();
+    assert_eq!(
+        (&me["user"]["name"], &me["key"]["id"]),
+        (&json!("bob"), &json!("k_login"))
+    );
+    assert_eq!(me["via"], "api_key");
+
+    // Logout tells the control plane with the saved key, then forgets it.
+    fake.forget_requests();
+    let run = sandbox.run(["gatekey-admin", "logout"]).await;
+    assert_eq!(
+        ok(&run),
+        format!("Removed the API key from {}.\n", settings.display())
+    );
+    let seen = fake.only_request();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("POST", "/api/v1/logout")
+    );
+    assert_eq!(seen.authorization, Some(format!("Bearer {LOGIN_KEY}")));
+    let saved = std::fs::read_to_string(&settings).unwrap();
+    assert!(!saved.contains("api_key"), "{saved}");
+    assert!(saved.contains(&format!("server: {server}")), "{saved}");
+    fake.forget_requests();
+    let run = sandbox.run(["gatekey-admin", "logout"]).await;
+    assert_eq!(
+        ok(&run),
+        format!("No API key saved in {}.\n", settings.display())
+    );
+    assert!(fake.requests().is_empty());
+}
+
+#[tokio::test]
+async fn login_failures() {
+    let fake = Fake::start(true).await;
+    let server = fake.server();
+    let ca = fake.ca.display().to_string();
+    let (sandbox, _dir) = settings_sandbox("wrong password\n");
+    let args = [
+        "gatekey-admin",
+        "--server",
+        &server,
+        "--ca-cert",
+        &ca,
+        "login",
+        "--user",
+        "bob",
+    ];
+    let run = sandbox.run(args).await;
+    // No advice about --api-key: the password was wrong.
+    assert_eq!(
+        failed(&run, exit::UNAUTHENTICATED),
+        "invalid user or password"
+    );
+    assert!(!sandbox.settings_file.as_ref().unwrap().exists());
+
+    let (sandbox, _dir) = settings_sandbox("");
+    let run = sandbox.run(args).await;
+    assert_eq!(failed(&run, exit::INVALID_ARGUMENT), "no password on stdin");
+
+    let (sandbox, _dir) = settings_sandbox(&format!("{PASSWORD}\n"));
+    let mut with_key = args.to_vec();
+    with_key.extend(["--api-key", KEY]);
+    let run = sandbox.run(with_key).await;
+    assert_eq!(
+        failed(&run, exit::INVALID_ARGUMENT),
+        "--user logs in with a password: leave out --api-key"
+    );
+
+    // The API key way still works as before.
+    let (sandbox, _dir) = settings_sandbox("");
+    let run = sandbox
+        .run([
+            "gatekey-admin",
+            "--server",
+            &server,
+            "--ca-cert",
+            &ca,
+            "--api-key",
+            KEY,
+            "login",
+        ])
+        .await;
+    assert!(ok(&run).starts_with(&format!("Logged in to {server}; settings saved to ")));
+    let saved = std::fs::read_to_string(sandbox.settings_file.as_ref().unwrap()).unwrap();
+    assert!(saved.contains("api_key: gka_test"), "{saved}");
+}
+
+#[tokio::test]
+async fn logout_removes_the_key_even_when_the_server_cannot_be_told() {
+    let fake = Fake::start(true).await;
+    let ca = fake.ca.display().to_string();
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("https://127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    for (server, key, says) in [
+        (down.clone(), KEY, format!("could not log out on {down} (")),
+        (
+            fake.server(),
+            "gka_stale",
+            format!(
+                "{} no longer accepts the saved key (unknown API key); removing it anyway",
+                fake.server()
+            ),
+        ),
+    ] {
+        let (sandbox, _dir) = settings_sandbox("");
+        let path = sandbox.settings_file.clone().unwrap();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(
+            &path,
+            format!("server: {server}\napi_key: {key}\nca_cert: {ca}\n"),
+        )
+        .unwrap();
+        let run = sandbox.run(["gatekey-admin", "logout"]).await;
+        assert_eq!(run.code, exit::OK, "{run:#?}");
+        assert_eq!(
+            run.stdout,
+            format!("Removed the API key from {}.\n", path.display())
+        );
+        assert_eq!(run.stderr.lines().count(), 1, "{run:#?}");
+        assert!(
+            run.stderr.starts_with(&format!("gatekey-admin: {says}")),
+            "{run:#?}"
+        );
+        let saved = std::fs::read_to_string(&path).unwrap();
+        assert!(!saved.contains("api_key"), "{saved}");
+    }
+}
+
+#[tokio::test]
+async fn audit_list_filters_and_renders() {
+    let fake = Fake::start(true).await;
+    // The seed document's command, exactly.
+    let run = fake.cli(&["audit", "list", "--action", "session"]).await;
+    let out = ok(&run).to_string();
+    let seen = fake.only_request();
+    assert_eq!(
+        (
+            seen.method.as_str(),
+            seen.path.as_str(),
+            seen.query.as_str()
+        ),
+        ("GET", "/api/v1/audit", "action=session&limit=100")
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 102);
+    assert_eq!(
+        lines[0],
+        "TIME                ACTION         USER AGENT OUTCOME DETAIL"
+    );
+    assert_eq!(
+        lines[2],
+        "2026-11-23 00:41:39 session.closed bob  hub-1 ok      kind=exec command=\"ip addr\" exit=0 duration=12ms in=0B out=1.4KiB"
+    );
+    assert!(lines[2..].iter().all(|l| l.contains(" session.closed ")));
+
+    let run = fake
+        .cli(&["audit", "list", "--limit", "3", "-o", "json"])
+        .await;
+    let records: Value = serde_json::from_str(ok(&run)).unwrap();
+    let seqs: Vec<i64> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, [2500, 2499, 2498]);
+    assert_eq!(records[0]["hash"], "h2500");
+    assert_eq!(
+        records[0]["detail"],
+        json!({"command": "uptime", "exit_code": 1})
+    );
+    assert_eq!(records[1]["action"], "session.closed");
+    assert_eq!(fake.only_request().query, "limit=3");
+
+    let run = fake
+        .cli(&[
+            "audit",
+            "list",
+            "--user",
+            "bob",
+            "--agent",
+            "hub-1",
+            "--since",
+            "2026-11-23",
+            "--until",
+            "2026-11-23T02:00:00+02:00",
+            "-o",
+            "json",
+        ])
+        .await;
+    ok(&run);
+    assert_eq!(
+        fake.only_request().query,
+        "agent=hub-1&user=bob&since=2026-11-23T00%3A00%3A00Z&until=2026-11-23T00%3A00%3A00Z&limit=100"
+    );
+    let run = fake
+        .cli(&["audit", "list", "--since", "7d", "-o", "json"])
+        .await;
+    ok(&run);
+    let query = fake.only_request().query;
+    assert!(
+        query.starts_with("since=") && query.ends_with("Z&limit=100"),
+        "{query}"
+    );
+
+    let run = fake.cli(&["audit", "list", "--until", "yesterday"]).await;
+    assert!(failed(&run, exit::INVALID_ARGUMENT).starts_with("invalid --until \"yesterday\""));
+    assert!(fake.requests().is_empty());
+
+    let run = fake.cli(&["audit", "list", "--limit", "2"]).await;
+    assert_eq!(ok(&run).lines().count(), 4);
+    let run = fake.cli(&["audit", "list", "--action", "nothing"]).await;
+    assert_eq!((run.code, run.stdout.as_str()), (exit::OK, ""));
+    assert_eq!(run.stderr, "gatekey-admin: no audit record matches\n");
+}
+
+#[tokio::test]
+async fn audit_list_pages_past_1000() {
+    let fake = Fake::start(true).await;
+    let run = fake
+        .cli(&["audit", "list", "--limit", "2200", "-o", "json"])
+        .await;
+    let records: Vec<Value> = serde_json::from_str(ok(&run)).unwrap();
+    assert_eq!(records.len(), 2200);
+    let seqs: Vec<i64> = records.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, (301..=2500).rev().collect::<Vec<_>>());
+    let queries: Vec<String> = fake.requests().into_iter().map(|s| s.query).collect();
+    assert_eq!(
+        queries,
+        [
+            "limit=1000",
+            "limit=1000&before=1501",
+            "limit=200&before=501"
+        ]
+    );
+
+    // Fewer records than asked: stops when the server says so.
+    let run = fake
+        .cli(&[
+            "audit", "list", "--action", "session", "--limit", "5000", "-o", "json",
+        ])
+        .await;
+    let records: Vec<Value> = serde_json::from_str(ok(&run)).unwrap();
+    assert_eq!(records.len(), 833);
+    assert_eq!(fake.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn audit_verify_intact_and_broken() {
+    let fake = Fake::start(true).await;
+    let run = fake.cli(&["audit", "verify"]).await;
+    assert_eq!(
+        ok(&run),
+        "Audit chain intact: 2500 records (seq 1–2500), head h2500\n"
+    );
+    let seen = fake.only_request();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("GET", "/api/v1/audit/verify")
+    );
+    let run = fake.cli(&["audit", "verify", "-o", "json"]).await;
+    let v: Value = serde_json::from_str(ok(&run)).unwrap();
+    assert_eq!((&v["ok"], &v["records"]), (&json!(true), &json!(2500)));
+
+    fake.state.audit_broken.store(true, Ordering::SeqCst);
+    let run = fake.cli(&["audit", "verify"]).await;
+    assert_eq!(
+        failed(&run, exit::AUDIT_BROKEN),
+        "audit chain broken at record 17: record 17 was changed after it was written"
+    );
+    assert_eq!(exit::AUDIT_BROKEN, 253);
+    let run = fake.cli(&["audit", "verify", "-o", "json"]).await;
+    assert_eq!(run.code, exit::AUDIT_BROKEN);
+    let v: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        (&v["ok"], &v["first_bad_seq"], &v["problem"]),
+        (
+            &json!(false),
+            &json!(17),
+            &json!("record 17 was changed after it was written")
+        )
+    );
+    assert!(
+        run.stderr
+            .starts_with("gatekey-admin: audit chain broken at record 17")
+    );
+}
+
+#[tokio::test]
+async fn audit_export_streams_json_lines() {
+    let fake = Fake::start(true).await;
+    let run = fake
+        .cli(&[
+            "audit",
+            "export",
+            "--action",
+            "session",
+            "--since",
+            "2026-11-23T00:00:00Z",
+        ])
+        .await;
+    let out = ok(&run).to_string();
+    let seen = fake.only_request();
+    assert_eq!(
+        (
+            seen.method.as_str(),
+            seen.path.as_str(),
+            seen.query.as_str()
+        ),
+        (
+            "GET",
+            "/api/v1/audit/export",
+            "action=session&since=2026-11-23T00%3A00%3A00Z"
+        )
+    );
+    let records: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 833);
+    assert_eq!(
+        (records[0]["seq"].as_i64(), records[832]["seq"].as_i64()),
+        (Some(3), Some(2499))
+    );
+
+    let (_sandbox, dir) = settings_sandbox("");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let file = dir.0.join("audit.ndjson");
+    let file_arg = file.display().to_string();
+    let run = fake
+        .cli(&["audit", "export", "--output-file", &file_arg])
+        .await;
+    assert_eq!(
+        ok(&run),
+        format!("Exported 2500 audit records to {file_arg}.\n")
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text.lines().count(), 2500);
+    assert_eq!(fake.only_request().query, "");
+
+    // -o/--output is the format: a file name there is a usage error that
+    // points at --output-file.
+    let run = fake.cli(&["audit", "export", "--output", &file_arg]).await;
+    assert_eq!(run.code, exit::USAGE);
+    assert!(run.stderr.ends_with("gatekey-admin: -o/--output is the output format; write the export to a file with --output-file FILE\n"), "{}", run.stderr);
+
+    // Refusals before the body are the usual one-line errors.
+    let run = fake.cli_with("gka_wrong", "", &["audit", "export"]).await;
+    assert!(failed(&run, exit::UNAUTHENTICATED).starts_with("unknown API key"));
 }
