@@ -78,6 +78,9 @@ impl Executor {
         } else {
             open.user.clone()
         };
+        if let Some(open::Kind::Diag(d)) = &open.kind {
+            return self.start_diag(d, stream, user);
+        }
         match self.plan(&open) {
             Err((code, message)) => {
                 info!(stream = id, "refused a session for {user}: {message}");
@@ -113,20 +116,61 @@ impl Executor {
         }
     }
 
-    /// Decides whether to run the stream, and what.
-    fn plan(&self, open: &Open) -> Result<Plan, (RejectCode, String)> {
-        if !self.config.session_enabled {
-            return Err((
+    /// A built-in diagnostic: counted as a session, refused like one.
+    fn start_diag(&self, d: &link::Diag, stream: Stream, user: String) {
+        let id = stream.id();
+        let limits = gatekey_diag::Limits::default();
+        let refusal = self
+            .sessions_refusal()
+            .or_else(|| match crate::diag::parse(d, &limits) {
+                Ok(_) => None,
+                Err(m) => Some((RejectCode::Invalid, m)),
+            });
+        if let Some((code, message)) = refusal {
+            info!(stream = id, "refused a diagnostic for {user}: {message}");
+            tokio::spawn(async move { stream.reject(code, &message).await });
+            return;
+        }
+        let Ok(request) = crate::diag::parse(d, &limits) else {
+            return;
+        };
+        match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(crate::diag::serve(stream, request, limits, user, permit));
+            }
+            Err(_) => {
+                let message = format!(
+                    "this node already runs {} sessions (max_sessions in {})",
+                    self.config.max_sessions,
+                    self.config.file_display()
+                );
+                tokio::spawn(
+                    async move { stream.reject(RejectCode::TooManySessions, &message).await },
+                );
+            }
+        }
+    }
+
+    fn sessions_refusal(&self) -> Option<(RejectCode, String)> {
+        (!self.config.session_enabled).then(|| {
+            (
                 RejectCode::SessionsDisabled,
                 format!(
                     "remote sessions are disabled on this node: set session_enabled: true in {} and restart the agent",
                     self.config.file_display()
                 ),
-            ));
+            )
+        })
+    }
+
+    /// Decides whether to run the stream, and what.
+    fn plan(&self, open: &Open) -> Result<Plan, (RejectCode, String)> {
+        if let Some(refusal) = self.sessions_refusal() {
+            return Err(refusal);
         }
         let exec = match &open.kind {
             Some(open::Kind::Exec(exec)) => exec,
-            None => {
+            Some(open::Kind::Diag(_)) | None => {
                 return Err((
                     RejectCode::Unsupported,
                     format!(

@@ -5,6 +5,8 @@
 //! - [`link`]: dialing, the hello/welcome handshake, reconnecting with backoff.
 //! - [`exec`]: running commands in their own process groups, and consoles on
 //!   pseudo-terminals, streaming their output.
+//! - [`diag`]: built-in network diagnostics (ping, nslookup, traceroute, nc,
+//!   nmap) run in the agent itself.
 //! - [`pty`]: pseudo-terminals: allocation, starting a console's process on
 //!   one, resizing, and ending every process of the console.
 //! - [`cli`]: the `gatekey-agent` command line.
@@ -28,6 +30,7 @@ pub mod cli;
 pub mod config;
 #[cfg(test)]
 mod console_tests;
+pub mod diag;
 pub mod exec;
 pub mod link;
 pub mod pty;

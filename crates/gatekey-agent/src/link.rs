@@ -219,7 +219,7 @@ pub fn hello(config: &Config) -> Hello {
         arch: std::env::consts::ARCH.into(),
         max_sessions: config.max_sessions,
         // "pty": interactive consoles (Exec.tty) on pseudo-terminals.
-        capabilities: vec!["exec".into(), "pty".into()],
+        capabilities: vec!["exec".into(), "pty".into(), "diag".into()],
     }
 }
 
@@ -649,7 +649,7 @@ mod tests {
         assert_eq!(h.agent_type, "hub");
         assert!(h.session_enabled);
         assert_eq!(h.max_sessions, 32);
-        assert_eq!(h.capabilities, vec!["exec".to_string(), "pty".to_string()]);
+        assert_eq!(h.capabilities, vec!["exec", "pty", "diag"]);
         assert_eq!(h.os, std::env::consts::OS);
         assert!(!h.hostname.is_empty());
     }

@@ -240,6 +240,7 @@ async fn serve(state: AppState, node: Node, addr: SocketAddr, mut ws: ServerWs) 
         hostname: hello.hostname.clone(),
         session_enabled: hello.session_enabled,
         link_version: version,
+        capabilities: hello.capabilities.clone(),
     });
     if let Err(holder) = state.registry.insert(conn.clone()) {
         mux.close(

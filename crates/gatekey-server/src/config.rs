@@ -52,6 +52,8 @@ pub struct Config {
     /// client or agent whose host vanished is found even when it was silent
     /// (three probes 10 s apart). Zero turns keepalive off.
     pub tcp_keepalive: Duration,
+    /// Most probes (hosts × ports) one `nmap` run may send.
+    pub troubleshoot_max_probes: u32,
     /// What the audit log keeps of sessions: off, commands or full.
     pub audit_capture: crate::audit::Capture,
     /// With `audit_capture: full`, output bytes kept per session.
@@ -89,6 +91,7 @@ impl Default for Config {
             stream_window: gatekey_proto::limits::DEFAULT_WINDOW,
             max_connections: 100_000,
             tcp_keepalive: Duration::from_secs(30),
+            troubleshoot_max_probes: 1024,
             audit_capture: crate::audit::Capture::Commands,
             audit_output_limit: 1024 * 1024,
             audit_retention: Duration::ZERO,
@@ -133,6 +136,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
     tcp_keepalive: Option<Duration>,
+    troubleshoot_max_probes: Option<u32>,
     audit_capture: Option<String>,
     audit_output_limit: Option<usize>,
     #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
@@ -180,6 +184,7 @@ impl Config {
             stream_window,
             max_connections,
             tcp_keepalive,
+            troubleshoot_max_probes,
             audit_output_limit,
             audit_retention,
             login_key_ttl,
@@ -287,6 +292,9 @@ impl Config {
         if let Some(v) = lookup("GATEKEY_AUDIT_CAPTURE") {
             self.audit_capture =
                 parse_capture(&v).map_err(|e| format!("GATEKEY_AUDIT_CAPTURE: {e}"))?;
+        }
+        if let Some(v) = num("GATEKEY_TROUBLESHOOT_MAX_PROBES")? {
+            self.troubleshoot_max_probes = v.min(u32::MAX as u64) as u32;
         }
         if let Some(v) = num("GATEKEY_AUDIT_OUTPUT_LIMIT")? {
             self.audit_output_limit = v as usize;

@@ -26,6 +26,8 @@ pub struct AgentConn {
     /// The node's own side of the session switch, from its hello.
     pub session_enabled: bool,
     pub link_version: u32,
+    /// Stream kinds the agent serves ("exec", "pty", "diag").
+    pub capabilities: Vec<String>,
 }
 
 #[derive(Default)]

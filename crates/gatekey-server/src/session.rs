@@ -94,9 +94,19 @@ pub async fn open_exec(
     exec: Exec,
     user: &str,
 ) -> ApiResult<(Stream, Accept)> {
+    open_stream(state, target, open::Kind::Exec(exec), user).await
+}
+
+/// Opens a stream of any kind on the target's link.
+pub async fn open_stream(
+    state: &AppState,
+    target: &Target,
+    kind: open::Kind,
+    user: &str,
+) -> ApiResult<(Stream, Accept)> {
     let open = Open {
         user: user.to_string(),
-        kind: Some(open::Kind::Exec(exec)),
+        kind: Some(kind),
         ..Default::default()
     };
     let name = &target.node.name;

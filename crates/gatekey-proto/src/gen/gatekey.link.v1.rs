@@ -59,7 +59,7 @@ pub struct Hello {
     /// Most concurrent streams the agent accepts (0: no limit announced).
     #[prost(uint32, tag = "10")]
     pub max_sessions: u32,
-    /// Stream kinds the agent can serve: "exec", "pty" (tty consoles), later "diag".
+    /// Stream kinds the agent can serve: "exec", "pty" (tty consoles), "diag".
     #[prost(string, repeated, tag = "11")]
     pub capabilities: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
@@ -94,7 +94,7 @@ pub struct Open {
     /// Who asked for it, for the agent's own log.
     #[prost(string, tag = "4")]
     pub user: ::prost::alloc::string::String,
-    #[prost(oneof = "open::Kind", tags = "10")]
+    #[prost(oneof = "open::Kind", tags = "10, 11")]
     pub kind: ::core::option::Option<open::Kind>,
 }
 /// Nested message and enum types in `Open`.
@@ -103,7 +103,21 @@ pub mod open {
     pub enum Kind {
         #[prost(message, tag = "10")]
         Exec(super::Exec),
+        #[prost(message, tag = "11")]
+        Diag(super::Diag),
     }
+}
+/// Run a built-in network diagnostic (ping, nslookup, traceroute, nc, nmap)
+/// in the agent itself: no shell and no process. The agent answers with
+/// Accept (pid 0), one JSON event per line on stdout, then Exit: code 0 when
+/// the target answered, 1 when it did not, 2 when the run could not take
+/// place (message says why). Agents advertise the "diag" capability.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Diag {
+    /// The request as the REST API takes it, e.g.
+    /// {"tool":"ping","host":"10.0.0.1","count":4} (docs/api.md).
+    #[prost(string, tag = "1")]
+    pub request_json: ::prost::alloc::string::String,
 }
 /// Run a process. Exactly one of shell_command and argv is set.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

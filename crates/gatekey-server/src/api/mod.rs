@@ -8,6 +8,7 @@ pub mod error;
 pub mod exec;
 pub mod identity;
 pub mod nodes;
+pub mod troubleshoot;
 
 use axum::Router;
 use axum::routing::get;
@@ -54,6 +55,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/whoami", get(identity::whoami))
         .route("/api/v1/login", axum::routing::post(identity::login))
         .route("/api/v1/logout", axum::routing::post(identity::logout))
+        .route(
+            "/api/v1/troubleshoot",
+            get(troubleshoot::list).post(troubleshoot::run),
+        )
         .route("/api/v1/audit", get(audit::list))
         .route("/api/v1/audit/verify", get(audit::verify))
         .route("/api/v1/audit/export", get(audit::export))
