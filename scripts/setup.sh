@@ -3,7 +3,8 @@
 # only where it is missing: protoc (to check the checked-in protobuf code),
 # buf (from the npm registry, to lint the schema and catch breaking changes),
 # tmux and Python's websockets (tests drive the CLI and the WebSocket API
-# like users do).
+# like users do), iproute2 and nftables (network namespaces for the
+# troubleshooting tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,10 @@ need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 command -v tmux >/dev/null || need_apt+=(tmux)
 /usr/bin/python3 -c 'import websockets' 2>/dev/null || need_apt+=(python3-websockets)
+# The troubleshooting tests build namespaces and veth links (ip) and mark a
+# port "filtered" with a DROP rule (nft).
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v nft >/dev/null || need_apt+=(nftables)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then

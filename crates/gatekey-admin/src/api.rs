@@ -502,3 +502,25 @@ mod tests {
         assert_eq!(NodeType::Hub.command(), "mesh hub");
     }
 }
+
+/// `GET /api/v1/troubleshoot`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TroubleshootList {
+    pub tools: Vec<TroubleshootTool>,
+    pub locations: Vec<TroubleshootLocation>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TroubleshootTool {
+    pub name: String,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TroubleshootLocation {
+    /// What `--location` takes: `control-plane` or `TYPE:ID`.
+    pub location: String,
+    pub label: String,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}

@@ -80,8 +80,111 @@ pub enum Command {
     /// The audit log: list, verify the hash chain, export
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Network diagnostics (ping, nslookup, traceroute, nc, nmap) from the
+    /// control plane or any agent
+    #[command(subcommand)]
+    Troubleshoot(TroubleshootCommand),
     /// Show the client's and the control plane's versions
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TroubleshootCommand {
+    /// Test ICMP connectivity to a host
+    Ping {
+        host: String,
+        /// Echo requests to send (default 4)
+        #[arg(long, short = 'c', value_name = "N")]
+        count: Option<u32>,
+        /// Time between requests, in seconds or like 200ms (default 1)
+        #[arg(long, short = 'i', value_name = "SECONDS")]
+        interval: Option<String>,
+        /// Wait for each reply, in seconds or like 500ms (default 2)
+        #[arg(long, short = 'W', value_name = "SECONDS")]
+        timeout: Option<String>,
+        /// Payload bytes (default 56)
+        #[arg(long, short = 's', value_name = "BYTES")]
+        size: Option<u32>,
+        #[command(flatten)]
+        at: LocationArg,
+    },
+    /// Perform DNS lookup for a hostname (an address: reverse lookup)
+    Nslookup {
+        host: String,
+        /// A, AAAA, CNAME, MX, TXT, NS, SOA or PTR (default A and AAAA)
+        #[arg(long = "type", short = 't', value_name = "TYPE")]
+        record_type: Option<String>,
+        /// Ask this resolver (IP or IP:PORT) instead of the system's
+        #[arg(long, value_name = "ADDRESS")]
+        server: Option<String>,
+        /// Overall time for the answer (default 5)
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<String>,
+        #[command(flatten)]
+        at: LocationArg,
+    },
+    /// Trace the route to a host
+    Traceroute {
+        host: String,
+        /// Highest hop probed (default 30)
+        #[arg(long, short = 'm', value_name = "N")]
+        max_hops: Option<u32>,
+        /// Probes per hop (default 3)
+        #[arg(long, short = 'q', value_name = "N")]
+        queries: Option<u32>,
+        /// Wait for each probe's answer (default 3)
+        #[arg(long, short = 'w', value_name = "SECONDS")]
+        timeout: Option<String>,
+        /// Probe with ICMP echo instead of UDP
+        #[arg(long, short = 'I')]
+        icmp: bool,
+        /// Do not look up hop names
+        #[arg(long, short = 'n')]
+        numeric: bool,
+        #[command(flatten)]
+        at: LocationArg,
+    },
+    /// Test TCP connectivity to a port
+    Nc {
+        host: String,
+        /// TCP port
+        #[arg(long, short = 'p', value_name = "PORT")]
+        port: u32,
+        /// Connect timeout (default 5)
+        #[arg(long, short = 'w', value_name = "SECONDS")]
+        timeout: Option<String>,
+        /// Show the first bytes the service sends
+        #[arg(long)]
+        banner: bool,
+        #[command(flatten)]
+        at: LocationArg,
+    },
+    /// Scan ports on a host (or a small CIDR)
+    Nmap {
+        host: String,
+        /// Ports like 22,80,443,8000-8100 (default: common service ports)
+        #[arg(long, short = 'p', value_name = "PORTS")]
+        ports: Option<String>,
+        /// Per-port connect timeout (default 1); no answer means filtered
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<String>,
+        /// Probes in flight at once (default 64)
+        #[arg(long, value_name = "N")]
+        concurrency: Option<u32>,
+        #[command(flatten)]
+        at: LocationArg,
+    },
+    /// List the tools and where they can run
+    List,
+}
+
+/// Where a troubleshooting tool runs.
+#[derive(Debug, Args)]
+pub struct LocationArg {
+    /// control-plane, or TYPE:ID for a connected agent (gateway, hub, spoke or
+    /// device; a name or an id)
+    #[arg(long, value_name = "LOCATION", default_value = "control-plane")]
+    pub location: String,
 }
 
 #[derive(Debug, Args)]
@@ -456,6 +559,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::User(c) => cmd::identity::user(&ctx, c).await,
         Command::Apikey(c) => cmd::identity::apikey(&ctx, c).await,
         Command::Audit(c) => cmd::audit::run(&ctx, c).await,
+        Command::Troubleshoot(c) => cmd::troubleshoot::run(&ctx, c).await,
         Command::Session(SessionCommand::List { all }) => cmd::session::list(&ctx, all).await,
         Command::Session(SessionCommand::Exec(args)) => cmd::session::exec(&ctx, args).await,
         Command::Session(SessionCommand::Connect(args)) => cmd::session::connect(&ctx, args).await,

@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 
 pub use crate::api::{
     Agent, ApiKey, AuditPage, AuditRecord, AuditVerification, ExecRequest, ExecResponse,
-    LiveSession, Node, NodeType, Participant, Role, ServerVersion, User, Whoami,
+    LiveSession, Node, NodeType, Participant, Role, ServerVersion, TroubleshootList, User, Whoami,
 };
 pub use crate::error::{ApiError, ClientError};
 
@@ -425,8 +425,48 @@ impl Client {
     /// come (on a connection of its own) instead of all at once.
     pub async fn export_audit(&self, filter: &AuditFilter) -> Result<BodyStream> {
         let path = with_query("/api/v1/audit/export", &filter.query());
+        self.stream_request(Method::GET, &path, None, self.timeout)
+            .await
+    }
+
+    /// `GET /api/v1/troubleshoot`: the tools and where this key may run them.
+    pub async fn troubleshoot_list(&self) -> Result<TroubleshootList> {
+        self.call(Method::GET, "/api/v1/troubleshoot", None::<&()>, true)
+            .await
+    }
+
+    /// `POST /api/v1/troubleshoot?location=…`: JSON lines as the tool runs.
+    /// The wait between lines is bounded by `idle` (a silent traceroute hop
+    /// or a scan of filtered ports can take a while).
+    pub async fn troubleshoot(
+        &self,
+        location: &str,
+        request: &serde_json::Value,
+        idle: Duration,
+    ) -> Result<BodyStream> {
+        let path = with_query(
+            "/api/v1/troubleshoot",
+            &[("location", location.to_string())],
+        );
+        let body = Bytes::from(serde_json::to_vec(request).map_err(|e| {
+            ClientError::InvalidArgument(format!("cannot encode the request: {e}"))
+        })?);
+        self.stream_request(Method::POST, &path, Some(body), idle)
+            .await
+    }
+
+    /// Sends a request on a connection of its own and returns the body to
+    /// read as it comes; an error status is read whole and turned into the
+    /// usual error.
+    async fn stream_request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        idle: Duration,
+    ) -> Result<BodyStream> {
         let key = self.require_key()?;
-        let request = self.build_request(&Method::GET, &path, None, Some(key))?;
+        let request = self.build_request(&method, path, body, Some(key))?;
         let head = async {
             let mut sender = self.connect().await?;
             sender.ready().await.map_err(|e| self.connection_error(e))?;
@@ -445,11 +485,12 @@ impl Client {
         let mut body = BodyStream {
             body: response.into_body(),
             server: self.endpoint.url.clone(),
-            idle_timeout: self.timeout,
+            idle_timeout: idle,
         };
         if status.is_success() {
             return Ok(body);
         }
+        body.idle_timeout = self.timeout;
         let mut bytes = Vec::new();
         while let Some(chunk) = body.chunk().await? {
             bytes.extend_from_slice(&chunk);

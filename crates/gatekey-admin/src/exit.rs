@@ -25,6 +25,7 @@
 //! | 251 | invalid argument (rejected by the CLI or the server) |
 //! | 252 | session ended by someone else: killed by an administrator (`session kill`) or the console taken over (`session connect --force`); the message says who |
 //! | 253 | `audit verify`: the audit log's hash chain is broken (a record was changed, removed or reordered); the message names the first bad record |
+//! | 254 | a troubleshooting tool could not run (the host does not resolve, the node lacks a privilege such as ICMP sockets); `1` means it ran and the target did not answer |
 //!
 //! For `session exec` and `session connect`, a remote exit code that collides with one of these
 //! (e.g. a remote `exit 244`) is passed through unchanged, as ssh does; the
@@ -52,3 +53,4 @@ pub const SESSION_LOST: i32 = 250;
 pub const INVALID_ARGUMENT: i32 = 251;
 pub const SESSION_ENDED: i32 = 252;
 pub const AUDIT_BROKEN: i32 = 253;
+pub const TROUBLESHOOT_FAILED: i32 = 254;

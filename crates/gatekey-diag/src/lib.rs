@@ -558,6 +558,57 @@ impl Sink {
     }
 }
 
+/// A run on a thread of its own, for callers that need a `Send` handle (the
+/// compiler cannot prove [`run`]'s future `Send` for every lifetime), and so
+/// that a long scan never competes with the caller's runtime.
+pub struct Detached {
+    result: tokio::sync::oneshot::Receiver<Result<Outcome, DiagError>>,
+    _cancel: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Detached {
+    /// Starts `request` on its own thread; events arrive on `events`.
+    /// Dropping the handle stops the run and closes its sockets.
+    pub fn start(request: Request, limits: Limits, events: mpsc::Sender<Event>) -> Detached {
+        let (result_tx, result) = tokio::sync::oneshot::channel();
+        let (cancel_tx, mut cancel) = tokio::sync::oneshot::channel::<()>();
+        // If no thread can be started the result sender is dropped with the
+        // closure, and `finish` reports that.
+        let _ = std::thread::Builder::new()
+            .name("gatekey-diag".into())
+            .spawn(move || {
+                let outcome = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(async {
+                        tokio::select! {
+                            r = run(&request, &limits, events) => r,
+                            _ = &mut cancel => Err(DiagError::Cancelled),
+                        }
+                    }),
+                    Err(e) => Err(DiagError::io("cannot start a runtime", e)),
+                };
+                let _ = result_tx.send(outcome);
+            });
+        Detached {
+            result,
+            _cancel: cancel_tx,
+        }
+    }
+
+    /// Waits for the run's result.
+    pub async fn finish(self) -> Result<Outcome, DiagError> {
+        let Detached { result, _cancel } = self;
+        result.await.unwrap_or_else(|_| {
+            Err(DiagError::io(
+                "the diagnostic thread could not run",
+                std::io::Error::other("thread ended without a result"),
+            ))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -657,56 +708,5 @@ mod tests {
         let l: Limits = serde_json::from_str(r#"{"max_scan_probes":10}"#).unwrap();
         assert_eq!(l.max_scan_probes, 10);
         assert_eq!(l.max_hops, Limits::default().max_hops);
-    }
-}
-
-/// A run on a thread of its own, for callers that need a `Send` handle (the
-/// compiler cannot prove [`run`]'s future `Send` for every lifetime), and so
-/// that a long scan never competes with the caller's runtime.
-pub struct Detached {
-    result: tokio::sync::oneshot::Receiver<Result<Outcome, DiagError>>,
-    _cancel: tokio::sync::oneshot::Sender<()>,
-}
-
-impl Detached {
-    /// Starts `request` on its own thread; events arrive on `events`.
-    /// Dropping the handle stops the run and closes its sockets.
-    pub fn start(request: Request, limits: Limits, events: mpsc::Sender<Event>) -> Detached {
-        let (result_tx, result) = tokio::sync::oneshot::channel();
-        let (cancel_tx, mut cancel) = tokio::sync::oneshot::channel::<()>();
-        // If no thread can be started the result sender is dropped with the
-        // closure, and `finish` reports that.
-        let _ = std::thread::Builder::new()
-            .name("gatekey-diag".into())
-            .spawn(move || {
-                let outcome = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(async {
-                        tokio::select! {
-                            r = run(&request, &limits, events) => r,
-                            _ = &mut cancel => Err(DiagError::Cancelled),
-                        }
-                    }),
-                    Err(e) => Err(DiagError::io("cannot start a runtime", e)),
-                };
-                let _ = result_tx.send(outcome);
-            });
-        Detached {
-            result,
-            _cancel: cancel_tx,
-        }
-    }
-
-    /// Waits for the run's result.
-    pub async fn finish(self) -> Result<Outcome, DiagError> {
-        let Detached { result, _cancel } = self;
-        result.await.unwrap_or_else(|_| {
-            Err(DiagError::io(
-                "the diagnostic thread could not run",
-                std::io::Error::other("thread ended without a result"),
-            ))
-        })
     }
 }

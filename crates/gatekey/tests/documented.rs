@@ -116,6 +116,66 @@ fn documented_commands_work_as_written() {
         }
     }
 
+    // gatekey-admin troubleshoot … [--location TYPE:<id>], with loopback
+    // targets standing in for the documented addresses (tests reach nothing else).
+    let list = c.admin_ok(&["troubleshoot", "list"]);
+    for line in [
+        "Available Tools:",
+        "  nmap         - Scan ports on a host",
+        "Execution Locations:",
+        "  control-plane                  (Control Plane)",
+        "  gateway:gw-west                (Gateway: gateway-west)",
+        "  spoke:spoke-dc                 (Spoke: spoke-datacenter)",
+    ] {
+        assert!(list.contains(line), "missing {line:?}:\n{list}");
+    }
+    assert!(list.contains(&format!("hub:{}", hub.id)), "{list}");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let hub_loc = format!("hub:{}", hub.id);
+    for args in [
+        vec!["troubleshoot", "nc", "127.0.0.1", "--port", &port],
+        vec![
+            "troubleshoot",
+            "nc",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--location",
+            "gateway:gw-west",
+        ],
+        vec!["troubleshoot", "nmap", "127.0.0.1", "--ports", &port],
+        vec![
+            "troubleshoot",
+            "nmap",
+            "127.0.0.1",
+            "--ports",
+            &port,
+            "--location",
+            &hub_loc,
+        ],
+        vec![
+            "troubleshoot",
+            "traceroute",
+            "127.0.0.1",
+            "--location",
+            "spoke:spoke-dc",
+        ],
+    ] {
+        let out = c.admin_run(&args);
+        assert_code(&out, 0);
+    }
+    let ping = c.admin_run(&["troubleshoot", "ping", "127.0.0.1", "--location", &hub_loc]);
+    assert!(
+        ping.status.code() == Some(0) || stderr(&ping).contains("ping_group_range"),
+        "{}{}",
+        stdout(&ping),
+        stderr(&ping)
+    );
+    // gatekey-admin audit list --action session
+    let audit = c.admin_ok(&["audit", "list", "--action", "session"]);
+    assert!(audit.contains("session.closed"), "{audit}");
+
     // gatekey-admin gateway|mesh hub|mesh spoke update <id> --session=…
     c.admin_ok(&["gateway", "update", "gw-west", "--session=true"]);
     c.admin_ok(&["mesh", "hub", "update", &hub.id, "--session=false"]);

@@ -219,7 +219,7 @@ fn the_cli_runs_the_documented_commands() {
 
     let out = c.admin_run(&["troubleshoot", "nc", "127.0.0.1", "--port", &port]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
-    assert!(stdout(&out).contains("open"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("succeeded"), "{}", stdout(&out));
     let loc = format!("hub:{}", hub.id);
     let out = c.admin_run(&[
         "troubleshoot",

@@ -6,4 +6,5 @@ pub mod identity;
 pub mod login;
 pub mod node;
 pub mod session;
+pub mod troubleshoot;
 pub mod version;
