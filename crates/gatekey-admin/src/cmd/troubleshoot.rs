@@ -166,9 +166,7 @@ fn put(m: &mut Map<String, Value>, key: &str, value: Option<Value>) {
 fn millis(flag: &str, value: Option<String>) -> Result<Option<Value>, ClientError> {
     let Some(v) = value else { return Ok(None) };
     let d = match v.trim().parse::<f64>() {
-        Ok(secs) if (0.0..=86_400.0).contains(&secs) => {
-            Duration::from_secs_f64(secs)
-        }
+        Ok(secs) if (0.0..=86_400.0).contains(&secs) => Duration::from_secs_f64(secs),
         Ok(_) => {
             return Err(ClientError::InvalidArgument(format!(
                 "invalid {flag} {v:?}: use seconds (0.2) or a duration (200ms)"
