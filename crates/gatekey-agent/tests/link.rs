@@ -265,10 +265,7 @@ async fn agent_retries_refusals_then_serves_exec_and_shuts_down_cleanly() {
         (link::MIN_VERSION, link::MAX_VERSION)
     );
     assert_eq!(hello.agent_version, gatekey_proto::VERSION);
-    assert_eq!(
-        hello.capabilities,
-        vec!["exec".to_string(), "pty".to_string()]
-    );
+    assert_eq!(hello.capabilities, vec!["exec", "pty", "diag"]);
     assert_eq!(hello.max_sessions, 32);
 
     // 3: welcomed, then replaced: the agent reconnects.

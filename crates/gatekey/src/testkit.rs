@@ -74,6 +74,12 @@ impl Cluster {
 
     /// Starts a control plane with extra `gatekey-server` arguments.
     pub fn start_with(bins: &Bins, extra_args: &[&str]) -> Cluster {
+        Cluster::start_on(bins, "127.0.0.1:0", extra_args)
+    }
+
+    /// Starts a control plane listening on `listen` (e.g. an address that
+    /// agents in a network namespace can reach).
+    pub fn start_on(bins: &Bins, listen: &str, extra_args: &[&str]) -> Cluster {
         let dir = std::env::temp_dir().join(format!(
             "gatekey-test-{}-{}-{}",
             std::process::id(),
@@ -95,7 +101,7 @@ impl Cluster {
             server: None,
             server_args: extra_args.iter().map(|s| s.to_string()).collect(),
         };
-        c.spawn_server("127.0.0.1:0");
+        c.spawn_server(listen);
         c
     }
 
@@ -252,9 +258,23 @@ impl Cluster {
 
     /// Starts `gatekey-agent --config PATH`.
     pub fn spawn_agent(&self, config: &Path) -> AgentProc {
+        self.spawn_agent_in(config, None)
+    }
+
+    /// Starts an agent, inside network namespace `netns` when given.
+    pub fn spawn_agent_in(&self, config: &Path, netns: Option<&str>) -> AgentProc {
         let log = config.with_extension("log");
         let file = std::fs::File::create(&log).expect("agent log");
-        let child = Command::new(&self.bins.agent)
+        let mut cmd = match netns {
+            // `ip netns exec` execs the agent: the child's pid is the agent's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bins.agent);
+                c
+            }
+            None => Command::new(&self.bins.agent),
+        };
+        let child = cmd
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "info,gatekey_agent=debug")
