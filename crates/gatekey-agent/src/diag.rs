@@ -99,3 +99,74 @@ pub async fn serve(
         })
         .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use gatekey_proto::link::{Open, open};
+    use gatekey_proto::mux::{Mux, OpenError};
+
+    use super::*;
+    use crate::test_support::{OPEN_TIMEOUT, code, collect, config, link, within};
+
+    async fn open_diag(
+        server: &Mux,
+        json: &str,
+    ) -> Result<(Stream, gatekey_proto::link::Accept), OpenError> {
+        let open = Open {
+            user: "tester".into(),
+            kind: Some(open::Kind::Diag(Diag {
+                request_json: json.into(),
+            })),
+            ..Default::default()
+        };
+        server.open(open, OPEN_TIMEOUT).await
+    }
+
+    #[tokio::test]
+    async fn events_as_lines_then_the_exit() {
+        let (server, _agent, _exec) = link(config(true)).await;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let json = format!(r#"{{"tool":"nc","host":"127.0.0.1","port":{port}}}"#);
+        let (mut stream, accept) = open_diag(&server, &json).await.expect("accepted");
+        assert_eq!(accept.pid, 0);
+        let out = within("the exit", collect(&mut stream)).await;
+        let lines: Vec<gatekey_diag::Event> = String::from_utf8(out.stdout.clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(
+            matches!(lines[0], gatekey_diag::Event::Connect { .. }),
+            "{lines:?}"
+        );
+        assert_eq!(code(&out), Some(exit::Status::Code(ANSWERED)));
+        drop(listener);
+        let (mut stream, _) = open_diag(&server, &json).await.expect("accepted");
+        let out = within("the exit", collect(&mut stream)).await;
+        assert_eq!(code(&out), Some(exit::Status::Code(NO_ANSWER)));
+    }
+
+    #[tokio::test]
+    async fn refusals_name_the_cause() {
+        let (server, _agent, _exec) = link(config(true)).await;
+        for (json, want) in [
+            (r#"{"tool":"nc","host":"127.0.0.1","port":0}"#, "--port"),
+            (r#"{"tool":"sh","host":"x"}"#, "invalid diagnostic request"),
+            (r#"{"tool":"ping","host":"-x"}"#, "host"),
+        ] {
+            match open_diag(&server, json).await {
+                Err(OpenError::Rejected { code, message }) => {
+                    assert_eq!(code, RejectCode::Invalid);
+                    assert!(message.contains(want), "{json}: {message}");
+                }
+                other => panic!("{json}: {:?}", other.map(|_| ())),
+            }
+        }
+        let (server, _agent, _exec) = link(config(false)).await;
+        match open_diag(&server, r#"{"tool":"nc","host":"127.0.0.1","port":1}"#).await {
+            Err(OpenError::Rejected { code, .. }) => assert_eq!(code, RejectCode::SessionsDisabled),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+}
