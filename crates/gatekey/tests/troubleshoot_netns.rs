@@ -68,11 +68,19 @@ impl Net {
             sh(&["ip", "netns", "add", ns])?;
             sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
         }
-        sh(&["ip", "link", "add", &host, "type", "veth", "peer", "name", "up0", "netns", &a])?;
+        sh(&[
+            "ip", "link", "add", &host, "type", "veth", "peer", "name", "up0", "netns", &a,
+        ])?;
         sh(&["ip", "addr", "add", "10.93.0.1/30", "dev", &host])?;
         sh(&["ip", "link", "set", &host, "up"])?;
-        sh(&["ip", "-n", &a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &r])?;
-        sh(&["ip", "-n", &r, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", &t])?;
+        sh(&[
+            "ip", "-n", &a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
+            &r,
+        ])?;
+        sh(&[
+            "ip", "-n", &r, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns",
+            &t,
+        ])?;
         for (ns, dev, addr) in [
             (&a, "up0", "10.93.0.2/30"),
             (&a, "eth0", "10.93.1.2/24"),
@@ -83,8 +91,26 @@ impl Net {
             sh(&["ip", "-n", ns, "addr", "add", addr, "dev", dev])?;
             sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
         }
-        sh(&["ip", "-n", &a, "route", "add", "10.93.2.0/24", "via", "10.93.1.1"])?;
-        sh(&["ip", "-n", &t, "route", "add", "default", "via", "10.93.2.1"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &a,
+            "route",
+            "add",
+            "10.93.2.0/24",
+            "via",
+            "10.93.1.1",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &t,
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.93.2.1",
+        ])?;
         for (ns, key) in [
             (&r, "net.ipv4.ip_forward=1"),
             (&r, "net.ipv4.icmp_ratelimit=0"),
@@ -92,7 +118,14 @@ impl Net {
         ] {
             sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", key])?;
         }
-        sh(&["ip", "netns", "exec", &t, "nft", "add table inet gk; add chain inet gk in { type filter hook input priority 0 ; } ; add rule inet gk in tcp dport 8081 drop"])?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &t,
+            "nft",
+            "add table inet gk; add chain inet gk in { type filter hook input priority 0 ; } ; add rule inet gk in tcp dport 8081 drop",
+        ])?;
         Ok(())
     }
 
@@ -128,10 +161,18 @@ impl Drop for Net {
 
 async fn run(c: &Cluster, request: Value) -> Vec<Value> {
     let r = c
-        .send("POST", "/api/v1/troubleshoot?location=hub:edge-hub", &c.admin_key, request.clone())
+        .send(
+            "POST",
+            "/api/v1/troubleshoot?location=hub:edge-hub",
+            &c.admin_key,
+            request.clone(),
+        )
         .await;
     assert_eq!(r.status, 200, "{request}: {}", r.body);
-    r.body.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    r.body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,18 +188,32 @@ async fn an_agent_probes_the_network_it_sits_in() {
     c.wait_for_agent("edge-hub", true, &agent);
 
     // ping: replies from the target, one router away (TTL 63).
-    let lines = run(&c, json!({"tool": "ping", "host": "10.93.2.2", "count": 2, "interval_ms": 200})).await;
-    let replies: Vec<_> = lines.iter().filter(|l| l["event"] == "ping_reply").collect();
+    let lines = run(
+        &c,
+        json!({"tool": "ping", "host": "10.93.2.2", "count": 2, "interval_ms": 200}),
+    )
+    .await;
+    let replies: Vec<_> = lines
+        .iter()
+        .filter(|l| l["event"] == "ping_reply")
+        .collect();
     assert_eq!(replies.len(), 2, "{lines:?}");
     assert_eq!(replies[0]["ttl"], 63, "{lines:?}");
     assert_eq!(lines.last().unwrap()["success"], true);
     // An address nobody has: every request lost.
     let lines = run(&c, json!({"tool": "ping", "host": "10.93.2.99", "count": 2, "interval_ms": 200, "timeout_ms": 500})).await;
-    assert!(lines.iter().all(|l| l["event"] != "ping_reply"), "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l["event"] != "ping_reply"),
+        "{lines:?}"
+    );
     assert_eq!(lines.last().unwrap()["success"], false, "{lines:?}");
 
     // traceroute: the router, then the target.
-    let lines = run(&c, json!({"tool": "traceroute", "host": "10.93.2.2", "numeric": true, "timeout_ms": 1000})).await;
+    let lines = run(
+        &c,
+        json!({"tool": "traceroute", "host": "10.93.2.2", "numeric": true, "timeout_ms": 1000}),
+    )
+    .await;
     let hops: Vec<String> = lines
         .iter()
         .filter(|l| l["event"] == "hop")
@@ -168,20 +223,38 @@ async fn an_agent_probes_the_network_it_sits_in() {
     assert_eq!(lines.last().unwrap()["success"], true);
 
     // nmap: open, filtered (the DROP rule), closed.
-    let lines = run(&c, json!({"tool": "nmap", "host": "10.93.2.2", "ports": "8080-8082", "timeout_ms": 500})).await;
-    let report = lines.iter().find(|l| l["event"] == "host_report").expect("report");
+    let lines = run(
+        &c,
+        json!({"tool": "nmap", "host": "10.93.2.2", "ports": "8080-8082", "timeout_ms": 500}),
+    )
+    .await;
+    let report = lines
+        .iter()
+        .find(|l| l["event"] == "host_report")
+        .expect("report");
     let states: Vec<(u64, &str)> = report["ports"]
         .as_array()
         .unwrap()
         .iter()
         .map(|p| (p["port"].as_u64().unwrap(), p["state"].as_str().unwrap()))
         .collect();
-    assert_eq!(states, [(8080, "open"), (8081, "filtered"), (8082, "closed")], "{lines:?}");
+    assert_eq!(
+        states,
+        [(8080, "open"), (8081, "filtered"), (8082, "closed")],
+        "{lines:?}"
+    );
 
     // nc: open, refused, timed out.
     for (port, state) in [(8080, "open"), (8082, "refused"), (8081, "timeout")] {
-        let lines = run(&c, json!({"tool": "nc", "host": "10.93.2.2", "port": port, "timeout_ms": 500})).await;
-        let connect = lines.iter().find(|l| l["event"] == "connect").expect("connect");
+        let lines = run(
+            &c,
+            json!({"tool": "nc", "host": "10.93.2.2", "port": port, "timeout_ms": 500}),
+        )
+        .await;
+        let connect = lines
+            .iter()
+            .find(|l| l["event"] == "connect")
+            .expect("connect");
         assert_eq!(connect["state"], state, "{lines:?}");
     }
     std::fs::remove_file(&cfg).ok();
