@@ -80,6 +80,13 @@ Try, in another terminal:
   gatekey-admin session active
   gatekey-admin session exec hub-1 "uname -a; id"
   echo hello | gatekey-admin session exec hub-1 "tr a-z A-Z"
+  gatekey-admin troubleshoot list
+  gatekey-admin troubleshoot nc 127.0.0.1 --port $port --location hub:hub-1
+  gatekey-admin troubleshoot ping 127.0.0.1 -c 3
+  gatekey-admin audit list --action session    # every session is on record
+  gatekey-admin audit verify                   # the hash chain is intact
+  gatekey-admin user create alice --role operator --scope 'hub:*'
+  gatekey-admin apikey create --user alice --name laptop --expires 30d
   gatekey-admin mesh hub list
   gatekey-admin mesh hub update hub-1 --session=false   # then exec is refused
 
