@@ -453,8 +453,14 @@ pub async fn whoami(caller: Caller) -> Json<serde_json::Value> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Login {
-    user: String,
-    password: String,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    /// The web console's sign-in with an API key: the key becomes the
+    /// session cookie as it is (no new key is minted).
+    #[serde(default)]
+    key: Option<String>,
     #[serde(default)]
     client: Option<String>,
 }
@@ -489,12 +495,26 @@ pub async fn login(State(state): State<AppState>, req: Request) -> ApiResult<Res
             return Err(ApiError::forbidden("cross-origin login refused"));
         }
     }
-    let user = state.store.find_user(&body.user).await?;
+    let (user_name, given_password) = match (body.user, body.password, body.key) {
+        (None, None, Some(key)) if web => return login_with_key(&state, &key, addr).await,
+        (None, None, Some(_)) => {
+            return Err(ApiError::invalid(
+                "signing in with an API key is for the web console (client: web); other clients send the key itself",
+            ));
+        }
+        (Some(user), Some(password), None) => (user, password),
+        _ => {
+            return Err(ApiError::invalid(
+                "send user and password, or (for the web console) key",
+            ));
+        }
+    };
+    let user = state.store.find_user(&user_name).await?;
     let stored = user
         .as_ref()
         .and_then(|u| u.password_hash.clone())
         .unwrap_or_else(|| dummy_hash().to_string());
-    let pw = body.password.clone();
+    let pw = given_password;
     let ok = tokio::task::spawn_blocking(move || password::verify(&pw, &stored))
         .await
         .unwrap_or(false);
@@ -503,7 +523,7 @@ pub async fn login(State(state): State<AppState>, req: Request) -> ApiResult<Res
         _ => {
             state
                 .audit_after(NewAuditRecord {
-                    user: Some(body.user.clone()),
+                    user: Some(user_name.clone()),
                     remote_addr: addr.map(|a| a.to_string()),
                     ..NewAuditRecord::new("auth.failed")
                         .outcome("denied")
@@ -540,6 +560,67 @@ pub async fn login(State(state): State<AppState>, req: Request) -> ApiResult<Res
     let mut response = Json(serde_json::json!({
         "user": UserView::from(&user),
         "key": KeyView { key: None, ..view },
+    }))
+    .into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&cookie).map_err(|e| ApiError::internal(e.to_string()))?,
+    );
+    Ok(response)
+}
+
+/// `POST /api/v1/login` `{"key","client":"web"}`: checks the key as any
+/// request's would be (a wrong, revoked or expired key is `401`, audited
+/// `auth.failed`) and sets it as the session cookie, for as long as the key
+/// lives and at most `login_key_ttl`. Logging out clears the cookie but does
+/// not revoke such a key.
+async fn login_with_key(
+    state: &AppState,
+    key: &str,
+    addr: Option<std::net::SocketAddr>,
+) -> ApiResult<Response> {
+    let key = key.trim();
+    let mut headers = HeaderMap::new();
+    let bearer = secret::parse(key)
+        .filter(|p| p.prefix == secret::API_KEY_PREFIX)
+        .and_then(|_| HeaderValue::from_str(&format!("Bearer {key}")).ok());
+    let Some(bearer) = bearer else {
+        state
+            .audit_after(NewAuditRecord {
+                remote_addr: addr.map(|a| a.to_string()),
+                ..NewAuditRecord::new("auth.failed")
+                    .outcome("denied")
+                    .detail(serde_json::json!({"reason": "invalid API key", "client": "web"}))
+            })
+            .await;
+        return Err(ApiError::unauthenticated("invalid API key"));
+    };
+    headers.insert(header::AUTHORIZATION, bearer);
+    let caller = crate::auth::authenticate(state, &headers, addr).await?;
+    let prefix = format!("{}{}", secret::API_KEY_PREFIX, caller.key.id);
+    state
+        .audit(NewAuditRecord::new("auth.login").by(&caller).detail(
+            serde_json::json!({"method": "api_key", "key": prefix, "key_name": caller.key.name, "client": "web"}),
+        ))
+        .await?;
+    let ttl = state.config.login_key_ttl.as_secs();
+    let left = caller
+        .key
+        .expires_at
+        .map(|t| ((t - now_ms()).max(0) / 1000) as u64);
+    let max_age = match (left, ttl) {
+        (Some(l), 0) => Some(l),
+        (Some(l), t) => Some(l.min(t)),
+        (None, 0) => None,
+        (None, t) => Some(t),
+    };
+    let mut cookie = format!("{SESSION_COOKIE}={key}; HttpOnly; Secure; SameSite=Strict; Path=/");
+    if let Some(s) = max_age {
+        cookie.push_str(&format!("; Max-Age={s}"));
+    }
+    let mut response = Json(serde_json::json!({
+        "user": UserView::from(&caller.user),
+        "key": key_view(&caller.key, &caller.user),
     }))
     .into_response();
     response.headers_mut().insert(

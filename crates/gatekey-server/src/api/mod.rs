@@ -9,6 +9,7 @@ pub mod exec;
 pub mod identity;
 pub mod nodes;
 pub mod troubleshoot;
+pub mod ui;
 
 use axum::Router;
 use axum::routing::get;
@@ -19,6 +20,9 @@ use crate::store::NodeType;
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        // The web console (docs/api.md "Web console").
+        .route("/", get(ui::index))
+        .route("/ui/{name}", get(ui::asset))
         .route("/api/v1/version", get(version))
         .route("/api/v1/agents", get(agents::list))
         .route("/api/v1/agents/{reference}", get(agents::get))

@@ -144,28 +144,24 @@ fn format_time_ms(ms: i64) -> String {
 
 impl Store {
     /// Appends a record and commits it before returning.
+    ///
+    /// The chain's head (last seq and hash) is kept in memory under the
+    /// append lock, so an append is one INSERT. Another replica may have
+    /// appended since: the primary key on seq refuses ours, and we re-read
+    /// the head from the database and try again.
     pub async fn append_audit(&self, new: &NewAuditRecord) -> Result<AuditRecord> {
-        let _serial = self.audit_lock.lock().await;
+        let mut head = self.audit_head.lock().await;
         let detail = if new.detail.is_null() {
             "{}".to_string()
         } else {
             new.detail.to_string()
         };
-        // Another replica may append between our read and our insert: the
-        // primary key on seq refuses the second, which then tries again.
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut tx = self.begin_write().await?;
-            let last = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&mut *tx)
-                .await?;
-            let (last_seq, prev_hash) = match last {
-                Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
-                None => match anchor(&mut tx).await? {
-                    Some(a) => (a.seq, a.hash),
-                    None => (0, GENESIS.to_string()),
-                },
+            let (last_seq, prev_hash) = match head.clone() {
+                Some(h) => h,
+                None => self.read_audit_head().await?,
             };
             let mut rec = AuditRecord {
                 seq: last_seq + 1,
@@ -197,20 +193,38 @@ impl Store {
             .bind(&rec.detail)
             .bind(&rec.prev_hash)
             .bind(&rec.hash)
-            .execute(&mut *tx)
+            .execute(&self.pool)
             .await;
             match inserted {
                 Ok(_) => {
-                    tx.commit().await?;
+                    *head = Some((rec.seq, rec.hash.clone()));
                     return Ok(rec);
                 }
                 Err(e) if is_unique_violation(&e) && attempt < 50 => {
-                    drop(tx);
+                    *head = None;
                     tokio::task::yield_now().await;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    *head = None;
+                    return Err(e.into());
+                }
             }
         }
+    }
+
+    /// The last record's seq and hash, else the anchor's, else genesis.
+    async fn read_audit_head(&self) -> Result<(i64, String)> {
+        let last = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(r) = last {
+            return Ok((r.try_get("seq")?, r.try_get("hash")?));
+        }
+        let mut conn = self.pool.acquire().await?;
+        Ok(match anchor(&mut conn).await? {
+            Some(a) => (a.seq, a.hash),
+            None => (0, GENESIS.to_string()),
+        })
     }
 
     /// Records matching `filter`: newest first (`oldest_first` false) or
@@ -363,7 +377,10 @@ impl Store {
     /// record's seq and hash as the anchor the rest verifies from. Returns
     /// how many were removed.
     pub async fn prune_audit(&self, cutoff_ms: i64) -> Result<u64> {
-        let _serial = self.audit_lock.lock().await;
+        // Appends wait; the head they cached stays valid (the last pruned
+        // record becomes the anchor, and the newest record is never pruned
+        // without its successors).
+        let _serial = self.audit_head.lock().await;
         let mut tx = self.begin_write().await?;
         let last_old =
             sqlx::query("SELECT seq, hash FROM audit_log WHERE at < $1 ORDER BY seq DESC LIMIT 1")

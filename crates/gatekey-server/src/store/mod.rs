@@ -121,9 +121,10 @@ pub use identity::{ApiKey, User};
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
-    /// Serialises this process's audit appends (other replicas are kept in
-    /// one chain by the primary key on `seq`, with a retry).
-    audit_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Serialises this process's audit appends and caches the chain's head
+    /// (other replicas are kept in one chain by the primary key on `seq`,
+    /// with a retry).
+    audit_head: std::sync::Arc<tokio::sync::Mutex<Option<(i64, String)>>>,
     sqlite: bool,
 }
 
@@ -161,7 +162,7 @@ impl Store {
             .await?;
         let store = Store {
             pool,
-            audit_lock: Default::default(),
+            audit_head: Default::default(),
             sqlite,
         };
         migrations::run(&store.pool).await?;

@@ -21,7 +21,7 @@ fn node(name: &str, lookup: &str) -> Node {
     }
 }
 
-async fn exercise(store: &Store) {
+async fn exercise(store: &Store, url: &str) {
     store.create_node(&node("hub-1", "l1")).await.unwrap();
     assert!(matches!(
         store.create_node(&node("hub-1", "l2")).await,
@@ -127,7 +127,7 @@ async fn exercise(store: &Store) {
     assert!(store.delete_user("u1").await.unwrap());
     assert!(store.api_key("k1").await.unwrap().is_none());
 
-    audit_chain(store).await;
+    audit_chain(store, url).await;
 }
 
 fn rec(action: &str, user: &str) -> NewAuditRecord {
@@ -145,7 +145,7 @@ async fn exec_sql(store: &Store, sql: &str) {
     sqlx::query(sql).execute(store.pool()).await.unwrap();
 }
 
-async fn audit_chain(store: &Store) {
+async fn audit_chain(store: &Store, url: &str) {
     for i in 0..6 {
         let action = if i % 2 == 0 {
             "session.opened"
@@ -157,10 +157,16 @@ async fn audit_chain(store: &Store) {
             .await
             .unwrap();
     }
-    // Concurrent writers still form one chain.
+    // Concurrent writers, also through a second store (another replica,
+    // whose cached head goes stale), still form one chain.
+    let other = Store::open(url).await.unwrap();
     let writers: Vec<_> = (0..8)
         .map(|i| {
-            let s = store.clone();
+            let s = if i % 2 == 0 {
+                store.clone()
+            } else {
+                other.clone()
+            };
             tokio::spawn(async move {
                 s.append_audit(&rec("session.closed", &format!("w{i}")))
                     .await
@@ -293,7 +299,7 @@ async fn sqlite_store() {
     std::fs::create_dir_all(&dir).unwrap();
     let url = format!("sqlite://{}?mode=rwc", dir.join("t.db").display());
     let store = Store::open(&url).await.unwrap();
-    exercise(&store).await;
+    exercise(&store, &url).await;
     // Reopening runs no migration twice.
     drop(store);
     Store::open(&url).await.unwrap();
@@ -318,7 +324,7 @@ async fn postgres_store() {
     let sep = if base.contains('?') { '&' } else { '?' };
     let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
     let store = Store::open(&url).await.unwrap();
-    exercise(&store).await;
+    exercise(&store, &url).await;
     drop(store);
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(&admin)
