@@ -70,6 +70,8 @@ gatekey is running: control plane $server, agent hub-1 (logs in .gatekey/).
   admin API key   $key
   CA certificate  $ca
   CLI settings    saved by 'gatekey-admin login' to ~/.config/gatekey/admin.yaml
+  web console     $server/  (sign in with the admin API key; the certificate
+                  is self-signed: trust the CA certificate, or accept it once)
 
 Try, in another terminal:
 

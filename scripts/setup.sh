@@ -4,7 +4,8 @@
 # buf (from the npm registry, to lint the schema and catch breaking changes),
 # tmux and Python's websockets (tests drive the CLI and the WebSocket API
 # like users do), iproute2 and nftables (network namespaces for the
-# troubleshooting tests).
+# troubleshooting tests), Chromium and the web console's npm packages
+# (TypeScript, esbuild, xterm.js, playwright-core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,8 @@ command -v tmux >/dev/null || need_apt+=(tmux)
 # port "filtered" with a DROP rule (nft).
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v nft >/dev/null || need_apt+=(nftables)
+# The web console's tests drive Debian's Chromium headless (Playwright).
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then
@@ -30,4 +33,11 @@ if [ ! -x tools/buf/node_modules/.bin/buf ]; then
   # `npm install` (not `npm ci`): the lock pins buf 1.75.0 but some registries
   # lack the other platforms' optional packages, which `npm ci` insists on.
   (cd tools/buf && npm install --no-audit --no-fund --loglevel=error)
+fi
+
+if [ ! -d web/node_modules ]; then
+  echo "setup: installing the web console's packages (npm)"
+  # `npm install`, as for buf: the lock pins esbuild, whose per-platform
+  # packages some registries lack for other platforms.
+  (cd web && npm install --no-audit --no-fund --loglevel=error)
 fi
