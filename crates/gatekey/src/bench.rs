@@ -3,44 +3,88 @@
 //!
 //! `gatekey-bench all` runs every scenario at full size; `gatekey-bench smoke`
 //! runs each one tiny so CI keeps the programs working (nothing asserts a
-//! duration). Single scenarios: `exec-latency`, `throughput`, `idle-agents`.
+//! duration). `gatekey-bench [smoke] SCENARIO...` runs some of them:
+//! `exec-latency`, `console-echo`, `throughput`, `idle-agents` (alias
+//! `capacity`), `reconnect-storm`, `fan-out`. OpenSSH runs beside gatekey
+//! inside exec-latency, console-echo and throughput (bench_ssh.rs).
 
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use gatekey_admin::api::{ExecRequest, NodeType};
 use gatekey_admin::{Client, ClientConfig, ExecOptions};
 use serde_json::json;
 
-use crate::sim::{self, SimAgent};
+use crate::sim::SimAgent;
 use crate::testkit::{Bins, Cluster};
+use ssh::Sshd;
+
+// One module per scenario, beside this file (declared here so the crate
+// root stays as it is).
+#[path = "bench_capacity.rs"]
+mod capacity;
+#[path = "bench_fanout.rs"]
+mod fanout;
+#[path = "bench_ssh.rs"]
+pub(crate) mod ssh;
+#[path = "bench_storm.rs"]
+mod storm;
 
 /// Sizes of one run.
 #[derive(Clone, Copy, Debug)]
 pub struct Sizes {
+    /// Tiny sizes for CI: OpenSSH comparisons are skipped when sshd is absent.
+    pub smoke: bool,
     pub latency_runs: usize,
     pub cli_runs: usize,
+    pub ssh_runs: usize,
     pub throughput_bytes: u64,
-    pub idle_agents: usize,
+    /// Idle-agent counts measured one after the other.
+    pub capacity_steps: &'static [usize],
+    pub storm_agents: usize,
+    pub fanout_agents: usize,
+    pub fanout_rounds: usize,
     pub echo_runs: usize,
 }
 
 impl Sizes {
     pub const FULL: Sizes = Sizes {
+        smoke: false,
         latency_runs: 1000,
         cli_runs: 200,
+        ssh_runs: 1000,
         throughput_bytes: 2 << 30,
-        idle_agents: 1000,
+        capacity_steps: &[1000, 10_000, 50_000],
+        storm_agents: 10_000,
+        fanout_agents: 1000,
+        fanout_rounds: 5,
         echo_runs: 2000,
     };
     pub const SMOKE: Sizes = Sizes {
+        smoke: true,
         latency_runs: 20,
         cli_runs: 5,
-        throughput_bytes: 64 << 20,
-        idle_agents: 50,
+        ssh_runs: 10,
+        throughput_bytes: 16 << 20,
+        capacity_steps: &[20, 100],
+        storm_agents: 50,
+        fanout_agents: 20,
+        fanout_rounds: 2,
         echo_runs: 50,
     };
 }
+
+/// Every scenario, in the order `all` and `smoke` run them.
+const SCENARIOS: &[&str] = &[
+    "exec-latency",
+    "console-echo",
+    "throughput",
+    "idle-agents",
+    "reconnect-storm",
+    "fan-out",
+];
 
 /// One line of the result table.
 pub(crate) struct Row {
@@ -50,28 +94,76 @@ pub(crate) struct Row {
     pub target: &'static str,
 }
 
+impl Row {
+    pub(crate) fn new(
+        scenario: &'static str,
+        metric: impl Into<String>,
+        value: impl Into<String>,
+        target: &'static str,
+    ) -> Row {
+        Row {
+            scenario,
+            metric: metric.into(),
+            value: value.into(),
+            target,
+        }
+    }
+}
+
+fn usage() -> i32 {
+    eprintln!(
+        "usage: gatekey-bench [all | smoke | [smoke] SCENARIO...] [--agents N]\n\
+         scenarios: {} (capacity = idle-agents)\n\
+         --agents N: simulated agents for idle-agents (one step), reconnect-storm and fan-out",
+        SCENARIOS.join(", ")
+    );
+    2
+}
+
 pub fn main() -> i32 {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let what = args.first().map(String::as_str).unwrap_or("all");
-    let (sizes, scenarios): (Sizes, Vec<&str>) = match what {
-        "all" => (
-            Sizes::FULL,
-            vec!["exec-latency", "console-echo", "throughput", "idle-agents"],
-        ),
-        "smoke" => (
-            Sizes::SMOKE,
-            vec!["exec-latency", "console-echo", "throughput", "idle-agents"],
-        ),
-        s @ ("exec-latency" | "console-echo" | "throughput" | "idle-agents") => {
-            (Sizes::FULL, vec![s])
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        usage();
+        return 0;
+    }
+    let mut agents = None;
+    if let Some(i) = args.iter().position(|a| a == "--agents") {
+        match args.get(i + 1).and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) if n > 0 => agents = Some(n),
+            _ => return usage(),
         }
-        _ => {
-            eprintln!(
-                "usage: gatekey-bench [all|smoke|exec-latency|console-echo|throughput|idle-agents]"
-            );
-            return 2;
+        args.drain(i..i + 2);
+    }
+    let smoke = args.first().is_some_and(|a| a == "smoke");
+    if smoke || args.first().is_some_and(|a| a == "all") {
+        args.remove(0);
+    }
+    let mut sizes = if smoke { Sizes::SMOKE } else { Sizes::FULL };
+    if let Some(n) = agents {
+        sizes.capacity_steps = Vec::leak(vec![n]);
+        sizes.storm_agents = n;
+        sizes.fanout_agents = n;
+    }
+    let mut scenarios: Vec<&'static str> = Vec::new();
+    for a in &args {
+        let name = if a == "capacity" { "idle-agents" } else { a };
+        match SCENARIOS.iter().find(|s| **s == name) {
+            Some(s) => scenarios.push(s),
+            None => return usage(),
         }
+    }
+    let mut label = match (smoke, scenarios.is_empty()) {
+        (false, true) => "all".to_string(),
+        (true, true) => "smoke".to_string(),
+        (false, false) => scenarios.join("+"),
+        (true, false) => format!("smoke-{}", scenarios.join("+")),
     };
+    if let Some(n) = agents {
+        label.push_str(&format!("-{n}-agents"));
+    }
+    if scenarios.is_empty() {
+        scenarios = SCENARIOS.to_vec();
+    }
     raise_nofile_limit();
     let bins = Bins::beside_current_exe();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -80,19 +172,25 @@ pub fn main() -> i32 {
         .build()
         .expect("runtime");
     let mut rows = Vec::new();
+    let started = Instant::now();
     for s in scenarios {
         eprintln!("== {s}");
+        let t = Instant::now();
         let r = match s {
             "exec-latency" => exec_latency(&bins, &rt, sizes),
             "console-echo" => {
-                crate::bench_echo::console_echo(&bins, &rt, sizes.echo_runs, what == "smoke")
+                crate::bench_echo::console_echo(&bins, &rt, sizes.echo_runs, sizes.smoke)
             }
             "throughput" => throughput(&bins, sizes),
-            "idle-agents" => idle_agents(&bins, &rt, sizes),
-            _ => unreachable!(),
+            "idle-agents" => capacity::idle_agents(&bins, &rt, sizes),
+            "reconnect-storm" => storm::reconnect_storm(&bins, &rt, sizes),
+            "fan-out" => fanout::fan_out(&bins, &rt, sizes),
+            _ => unreachable!("scenario names are checked above"),
         };
+        eprintln!("== {s}: {:.1} s", t.elapsed().as_secs_f64());
         rows.extend(r);
     }
+    eprintln!("== total {:.1} s", started.elapsed().as_secs_f64());
     print_table(&rows);
     let out = json!(rows
         .iter()
@@ -100,7 +198,7 @@ pub fn main() -> i32 {
         .collect::<Vec<_>>());
     let dir = std::path::Path::new("bench-results");
     if std::fs::create_dir_all(dir).is_ok() {
-        let file = dir.join(format!("{what}.json"));
+        let file = dir.join(format!("{label}.json"));
         if std::fs::write(
             &file,
             serde_json::to_string_pretty(&out).unwrap_or_default(),
@@ -139,21 +237,39 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-fn client(c: &Cluster) -> Client {
+pub(crate) fn client_config(c: &Cluster) -> ClientConfig {
     let mut cfg = ClientConfig::new(c.url.clone());
     cfg.api_key = Some(c.admin_key.clone());
     cfg.ca_cert = Some(c.ca_cert.clone());
-    Client::new(cfg).expect("client")
+    cfg
+}
+
+pub(crate) fn client(c: &Cluster) -> Client {
+    Client::new(client_config(c)).expect("client")
+}
+
+/// The value at quantile `p` (0..=1) of `v`, which must be sorted.
+pub(crate) fn quantile(v: &[Duration], p: f64) -> Duration {
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
 }
 
 fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
     v.sort();
-    let at = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
-    (at(0.50), at(0.90), at(0.99))
+    (quantile(&v, 0.50), quantile(&v, 0.90), quantile(&v, 0.99))
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn median(v: &[Duration]) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    quantile(&v, 0.5)
+}
+
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
+
+pub(crate) fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
 }
 
 pub(crate) fn latency_rows(
@@ -165,36 +281,27 @@ pub(crate) fn latency_rows(
     let n = v.len();
     let (p50, p90, p99) = percentiles(v);
     vec![
-        Row {
-            scenario,
-            metric: format!("{what} p50 (n={n})"),
-            value: ms(p50),
-            target,
-        },
-        Row {
-            scenario,
-            metric: format!("{what} p90"),
-            value: ms(p90),
-            target: "",
-        },
-        Row {
-            scenario,
-            metric: format!("{what} p99"),
-            value: ms(p99),
-            target: "",
-        },
+        Row::new(scenario, format!("{what} p50 (n={n})"), ms(p50), target),
+        Row::new(scenario, format!("{what} p90"), ms(p90), ""),
+        Row::new(scenario, format!("{what} p99"), ms(p99), ""),
     ]
+}
+
+/// `a / b` as a row, for the gatekey/OpenSSH comparisons.
+pub(crate) fn ratio_row(scenario: &'static str, metric: &str, a: f64, b: f64) -> Row {
+    Row::new(scenario, metric, format!("{:.2}", a / b), "")
 }
 
 /// `true` through control plane and agent: the client library on a warm
 /// connection (one-shot API over keep-alive, and a WebSocket stream per
-/// exec), and a whole `gatekey-admin session exec` process.
+/// exec), and a whole `gatekey-admin session exec` process. Beside it,
+/// `ssh host true` over a ControlMaster connection.
 fn exec_latency(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -> Vec<Row> {
     let c = Cluster::start(bins);
     let (_, _agent) = c.agent("mesh hub", "hub-1", true);
     let client = client(&c);
     let mut rows = Vec::new();
-    rt.block_on(async {
+    let oneshot = rt.block_on(async {
         let req = || ExecRequest {
             command: "true".into(),
             timeout_seconds: None,
@@ -213,6 +320,7 @@ fn exec_latency(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -> Vec<
             v.push(t.elapsed());
             assert_eq!(r.exit_code, Some(0));
         }
+        let oneshot = median(&v);
         rows.extend(latency_rows(
             "exec-latency",
             "one-shot API, warm",
@@ -246,6 +354,7 @@ fn exec_latency(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -> Vec<
             v,
             "",
         ));
+        oneshot
     });
     let mut v = Vec::with_capacity(sizes.cli_runs);
     for _ in 0..sizes.cli_runs {
@@ -259,12 +368,40 @@ fn exec_latency(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -> Vec<
         v.push(t.elapsed());
         assert!(st.success());
     }
+    let cli = median(&v);
     rows.extend(latency_rows("exec-latency", "gatekey-admin process", v, ""));
+    drop(c);
+    let ssh = Sshd::start(sizes.smoke).and_then(|sshd| sshd.mux_exec_latency(sizes.ssh_runs));
+    match ssh {
+        Ok(v) => {
+            let ssh = median(&v).as_secs_f64();
+            rows.extend(latency_rows(
+                "exec-latency",
+                "ssh true, ControlMaster (process)",
+                v,
+                "",
+            ));
+            rows.push(ratio_row(
+                "exec-latency",
+                "time ratio gatekey-admin / ssh, p50",
+                cli.as_secs_f64(),
+                ssh,
+            ));
+            rows.push(ratio_row(
+                "exec-latency",
+                "time ratio one-shot API / ssh, p50",
+                oneshot.as_secs_f64(),
+                ssh,
+            ));
+        }
+        Err(why) => eprintln!("exec-latency: OpenSSH comparison skipped: {why}"),
+    }
     rows
 }
 
 /// `head -c N /dev/zero` through `gatekey-admin session exec` into
-/// /dev/null, and N bytes of stdin the other way into `cat > /dev/null`.
+/// /dev/null, and N bytes of stdin the other way into `cat > /dev/null`;
+/// then the same through ssh.
 fn throughput(bins: &Bins, sizes: Sizes) -> Vec<Row> {
     let c = Cluster::start(bins);
     let (_, _agent) = c.agent("mesh hub", "hub-1", true);
@@ -301,24 +438,65 @@ fn throughput(bins: &Bins, sizes: Sizes) -> Vec<Row> {
     let up = t.elapsed();
     let _ = head.wait();
     assert!(st.success());
-    let mbps = |d: Duration| format!("{:.0} MB/s", n as f64 / d.as_secs_f64() / 1e6);
-    vec![
-        Row {
-            scenario: "throughput",
-            metric: format!("stdout, {} MiB", n >> 20),
-            value: mbps(down),
-            target: ">= 1000 MB/s",
-        },
-        Row {
-            scenario: "throughput",
-            metric: format!("stdin, {} MiB", n >> 20),
-            value: mbps(up),
-            target: "",
-        },
-    ]
+    drop(c);
+    let mb_s = |d: Duration| n as f64 / d.as_secs_f64() / 1e6;
+    let mbps = |d: Duration| format!("{:.0} MB/s", mb_s(d));
+    let mut rows = vec![
+        Row::new(
+            "throughput",
+            format!("stdout, {} MiB", n >> 20),
+            mbps(down),
+            ">= 1000 MB/s",
+        ),
+        Row::new(
+            "throughput",
+            format!("stdin, {} MiB", n >> 20),
+            mbps(up),
+            "",
+        ),
+    ];
+    let ssh = Sshd::start(sizes.smoke).and_then(|sshd| {
+        let cipher = sshd.cipher();
+        let ssh_down = sshd.stdout_throughput(n)?;
+        let ssh_up = sshd.stdin_throughput(n)?;
+        Ok((cipher, ssh_down, ssh_up))
+    });
+    match ssh {
+        Ok((cipher, ssh_down, ssh_up)) => {
+            rows.extend([
+                Row::new(
+                    "throughput",
+                    format!("ssh stdout, {} MiB ({cipher})", n >> 20),
+                    mbps(ssh_down),
+                    "",
+                ),
+                Row::new(
+                    "throughput",
+                    format!("ssh stdin, {} MiB", n >> 20),
+                    mbps(ssh_up),
+                    "",
+                ),
+                ratio_row(
+                    "throughput",
+                    "rate ratio gatekey / ssh, stdout",
+                    mb_s(down),
+                    mb_s(ssh_down),
+                ),
+                ratio_row(
+                    "throughput",
+                    "rate ratio gatekey / ssh, stdin",
+                    mb_s(up),
+                    mb_s(ssh_up),
+                ),
+            ]);
+        }
+        Err(why) => eprintln!("throughput: OpenSSH comparison skipped: {why}"),
+    }
+    rows
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// Resident memory of a process, KiB.
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -329,79 +507,92 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// N idle agents (simulated, real TLS and handshake): control-plane memory
-/// per agent and the time for all to connect.
-fn idle_agents(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -> Vec<Row> {
-    let c = Cluster::start(bins);
-    let client = client(&c);
-    let n = sizes.idle_agents;
-    let pid = c.server_pid().expect("server pid");
-    rt.block_on(async {
-        let mut agents = Vec::with_capacity(n);
-        for i in 0..n {
-            let node = client
-                .create_node(NodeType::Spoke, &format!("sim-{i}"), None, Some(true))
-                .await
-                .expect("create node");
-            agents.push(SimAgent {
-                name: format!("sim-{i}"),
-                agent_type: "spoke".into(),
-                token: node.token.unwrap_or_default(),
-            });
-        }
-        // Let the server settle after the API burst, then take the baseline.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let before = rss_kib(pid);
-        let endpoint = gatekey_proto::transport::Endpoint::parse(&c.url).expect("url");
-        let tls = sim::tls(&c.ca_cert);
-        let started = Instant::now();
-        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
-        let mut tasks = tokio::task::JoinSet::new();
-        for (i, a) in agents.into_iter().enumerate() {
-            let (endpoint, tls, sem) = (endpoint.clone(), tls.clone(), sem.clone());
-            tasks.spawn(async move {
-                let _p = sem.acquire_owned().await;
-                sim::connect(&endpoint, tls, Some(sim::source_addr(i)), &a).await
-            });
-        }
-        let mut links = Vec::with_capacity(n);
-        while let Some(r) = tasks.join_next().await {
-            links.push(r.expect("task").expect("simulated agent connects"));
-        }
-        let connect_time = started.elapsed();
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let connected = client.list_agents(true).await.expect("list").len();
-        let after = rss_kib(pid);
-        let per_agent = (after.saturating_sub(before)) as f64 / n as f64;
-        drop(links);
-        vec![
-            Row {
-                scenario: "idle-agents",
-                metric: format!("agents connected (of {n})"),
-                value: connected.to_string(),
-                target: "",
-            },
-            Row {
-                scenario: "idle-agents",
-                metric: "time for all to connect".into(),
-                value: ms(connect_time),
-                target: "",
-            },
-            Row {
-                scenario: "idle-agents",
-                metric: "control-plane RSS per idle agent".into(),
-                value: format!("{per_agent:.1} KiB"),
-                target: "<= 64 KiB",
-            },
-        ]
-    })
+/// User plus system CPU time a process has used so far.
+pub(crate) fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces): utime and
+    // stime are the 12th and 13th, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// The soft RLIMIT_NOFILE of a process, from /proc (to check what the
+/// control plane inherited).
+pub(crate) fn nofile_of(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
+/// Registers `n` spokes `sim-0`, `sim-1`, … through the API and returns
+/// their identities. There is no bulk API: a few clients, each on its own
+/// keep-alive connection, create nodes concurrently (the server writes one
+/// audit record per node, serially, so more clients would not help). Ids
+/// are given, not drawn: random 32-bit ids collide within 50,000 nodes.
+pub(crate) async fn register_sim_nodes(c: &Cluster, n: usize) -> Vec<SimAgent> {
+    const CLIENTS: usize = 8;
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS.min(n.max(1)) {
+        let (cfg, next) = (client_config(c), next.clone());
+        tasks.spawn(async move {
+            let client = Client::new(cfg).expect("client");
+            let mut made = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return made;
+                }
+                let name = format!("sim-{i}");
+                let node = client
+                    .create_node(NodeType::Spoke, &name, Some(&format!("sim{i}")), Some(true))
+                    .await
+                    .unwrap_or_else(|e| panic!("create node {name}: {e}"));
+                made.push((
+                    i,
+                    SimAgent {
+                        name,
+                        agent_type: "spoke".into(),
+                        token: node.token.expect("a new node's token"),
+                    },
+                ));
+            }
+        });
+    }
+    let mut all = Vec::with_capacity(n);
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r.expect("registration task"));
+    }
+    all.sort_by_key(|(i, _)| *i);
+    all.into_iter().map(|(_, a)| a).collect()
 }
 
 /// Many connections need many descriptors: raise the soft limit to the hard
-/// one (children, the control plane included, inherit it).
+/// one. Children, the control plane included, inherit it (the capacity
+/// scenario checks /proc/PID/limits). Raising the hard limit itself needs
+/// CAP_SYS_RESOURCE; containers often lack it.
 fn raise_nofile_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        // Try for a million first, as the systemd unit sets; fall back to the hard limit.
+        if setrlimit(Resource::RLIMIT_NOFILE, 1 << 20, (1 << 20).max(hard)).is_err() {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
     }
+}
+
+/// This process's soft RLIMIT_NOFILE (the control plane inherits it).
+pub(crate) fn nofile_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit};
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
 }
