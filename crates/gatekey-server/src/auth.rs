@@ -182,7 +182,13 @@ impl State {
         action: Action,
         target: Option<Target<'_>>,
     ) -> Result<(), ApiError> {
-        let refusal = if !caller.role.allows(action) {
+        let refusal = if action == Action::ManageUsers && !caller.key.scopes.is_empty() {
+            Some(format!(
+                "{} may not {} with a key limited by scopes",
+                caller.who(),
+                action.verb()
+            ))
+        } else if !caller.role.allows(action) {
             Some(format!(
                 "{} may not {}: the {} role does not allow it",
                 caller.who(),

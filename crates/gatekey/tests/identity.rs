@@ -259,6 +259,36 @@ async fn role_and_scope_matrix() {
         .send("POST", "/api/v1/agents/hub-1/exec", &narrowed, exec.clone())
         .await;
     assert_eq!(r.status, 403, "{}", r.body);
+    // …and cannot escape its limits: a key it makes inherits them, a wider
+    // one is refused, and it may not set a password to log in with.
+    let r = c
+        .send("POST", "/api/v1/apikeys", &narrowed, json!({}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["scopes"], json!(["spoke:dc-1"]), "{}", r.body);
+    let child = r.json()["key"].as_str().unwrap().to_string();
+    let r = c
+        .send("POST", "/api/v1/agents/hub-1/exec", &child, exec.clone())
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = c
+        .send(
+            "POST",
+            "/api/v1/apikeys",
+            &narrowed,
+            json!({"scopes": ["hub:*"]}),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = c
+        .send(
+            "PATCH",
+            "/api/v1/users/op",
+            &narrowed,
+            json!({"password": "a new password"}),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
 
     // Every refusal is on record.
     let denied = audit(&c, "action=access.denied&limit=1000").await;

@@ -220,9 +220,15 @@ pub async fn update_user(
     let only_own_password = caller.user.name == name && req.role.is_none() && req.scopes.is_none();
     if !only_own_password {
         state.authorize(&caller, Action::ManageUsers, None).await?;
+    } else if !caller.key.scopes.is_empty() {
+        // A password logs in to keys without the key's limits.
+        return Err(ApiError::forbidden(
+            "a key limited by scopes may not change a password: use an unrestricted key",
+        ));
     }
     let mut user = find_user(&state, &name).await?;
     let mut changed = serde_json::Map::new();
+    let req_changes_role_or_scopes = req.role.is_some() || req.scopes.is_some();
     if let Some(role) = req.role {
         validate_role(&role)?;
         if user.role == "admin" && role != "admin" && state.store.admin_count().await? <= 1 {
@@ -238,18 +244,28 @@ pub async fn update_user(
         changed.insert("scopes".into(), scopes.clone().into());
         user.scopes = scopes;
     }
-    match req.password {
+    let password = match req.password {
         Some(Some(pw)) => {
-            user.password_hash = Some(hash_password(pw).await?);
             changed.insert("password".into(), "set".into());
+            Some(Some(hash_password(pw).await?))
         }
         Some(None) => {
-            user.password_hash = None;
             changed.insert("password".into(), "removed".into());
+            Some(None)
         }
-        None => {}
+        None => None,
+    };
+    // Only the columns asked for are written, so a slow password change
+    // cannot put back a role or scopes an admin changed meanwhile.
+    if req_changes_role_or_scopes {
+        state.store.update_user(&user).await?;
     }
-    state.store.update_user(&user).await?;
+    if let Some(hash) = password {
+        state
+            .store
+            .set_user_password(&user.id, hash.as_deref())
+            .await?;
+    }
     state
         .audit(
             NewAuditRecord::new("user.updated")
@@ -366,8 +382,28 @@ pub async fn create_key(
         Some(s) => Some(s as i64 * 1000),
         None => None,
     };
+    // A key may not mint a key wider or longer-lived than itself: scoped
+    // callers pass their key's scopes on, and no key outlives its maker.
+    let mut scopes = req.scopes;
+    if !caller.key.scopes.is_empty() {
+        if scopes.is_empty() {
+            scopes = caller.key.scopes.clone();
+        } else if let Some(wider) = scopes.iter().find(|s| !caller.key.scopes.contains(s)) {
+            return Err(ApiError::forbidden(format!(
+                "this key is limited to {} and may not make a key for {wider}",
+                caller.key.scopes.join(" ")
+            )));
+        }
+    }
+    let expires = match caller.key.expires_at {
+        Some(end) => {
+            let left = (end - crate::store::now_ms()).max(1);
+            Some(expires.map_or(left, |e| e.min(left)))
+        }
+        None => expires,
+    };
     let record = NewAuditRecord::new("apikey.created").by(&caller);
-    let view = mint_key(&state, record, &user, name, "api", expires, req.scopes).await?;
+    let view = mint_key(&state, record, &user, name, "api", expires, scopes).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 

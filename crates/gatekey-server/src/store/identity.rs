@@ -135,18 +135,27 @@ impl Store {
         row.as_ref().map(user_from_row).transpose()
     }
 
-    /// Saves role, scopes and password of an existing user.
+    /// Saves role and scopes of an existing user.
     pub async fn update_user(&self, user: &User) -> Result<bool> {
-        let r = sqlx::query(
-            "UPDATE users SET role = $1, scopes = $2, password_hash = $3, updated_at = $4 WHERE id = $5",
-        )
-        .bind(&user.role)
-        .bind(join_scopes(&user.scopes))
-        .bind(user.password_hash.clone())
-        .bind(now_ms())
-        .bind(&user.id)
-        .execute(&self.pool)
-        .await?;
+        let r =
+            sqlx::query("UPDATE users SET role = $1, scopes = $2, updated_at = $3 WHERE id = $4")
+                .bind(&user.role)
+                .bind(join_scopes(&user.scopes))
+                .bind(now_ms())
+                .bind(&user.id)
+                .execute(&self.pool)
+                .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Sets (or, with `None`, removes) a user's password hash.
+    pub async fn set_user_password(&self, id: &str, hash: Option<&str>) -> Result<bool> {
+        let r = sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3")
+            .bind(hash.map(str::to_string))
+            .bind(now_ms())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(r.rows_affected() > 0)
     }
 

@@ -113,6 +113,12 @@ async fn exercise(store: &Store, url: &str) {
     u.scopes = vec!["hub:*".into(), "spoke:dc-*".into()];
     u.password_hash = Some("$argon2id$x".into());
     assert!(store.update_user(&u).await.unwrap());
+    assert!(
+        store
+            .set_user_password("u1", Some("$argon2id$x"))
+            .await
+            .unwrap()
+    );
     let back = store.find_user("admin").await.unwrap().unwrap();
     assert_eq!(back.scopes, u.scopes);
     assert_eq!(back.password_hash.as_deref(), Some("$argon2id$x"));
