@@ -106,6 +106,20 @@ async fn upgrade_checked(
             .mux
             .close(close::DUPLICATE, "replaced by a new connection");
         state.registry.remove_conn(&node.id, holder.conn_id);
+    } else if let Some(cluster) = &state.cluster {
+        // Another replica may hold it: it answers for its link.
+        let wait = state.config.liveness_probe_timeout + std::time::Duration::from_secs(1);
+        if let Ok(answer) = cluster
+            .ask_agent(&node.id, crate::cluster::agent_op::PROBE, wait)
+            .await
+            && answer.as_ref() == b"alive"
+        {
+            tracing::warn!(agent = %node.name, %addr, "second connection for an agent live on another replica refused");
+            return Err(ApiError::conflict(format!(
+                "agent {} is already connected to another control-plane replica and still answers; refusing a second connection with the same token",
+                node.name
+            )));
+        }
     }
 
     let up = ws::prepare(&mut req, &[])?;
@@ -252,6 +266,8 @@ async fn serve(state: AppState, node: Node, addr: SocketAddr, mut ws: ServerWs) 
         );
         return;
     }
+    // Other replicas reach this agent through us while its link lives.
+    let _listener = crate::cluster::listen_agent(&state, conn.clone()).await;
     let seen = AgentSeen {
         addr: &addr.to_string(),
         version: &hello.agent_version,

@@ -28,6 +28,9 @@ pub struct Caller {
     pub addr: Option<SocketAddr>,
     /// Authenticated by the session cookie (a browser), not a header.
     pub by_cookie: bool,
+    /// The id a session opened by this request takes (set when another
+    /// replica carried the request here).
+    pub session_id: Option<String>,
 }
 
 impl Caller {
@@ -64,7 +67,11 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
         let addr = parts.extensions.get::<RemoteAddr>().map(|a| a.0);
-        let caller = authenticate(state, &parts.headers, addr).await?;
+        let mut caller = authenticate(state, &parts.headers, addr).await?;
+        caller.session_id = parts
+            .extensions
+            .get::<crate::cluster::Proxied>()
+            .map(|p| p.session_id.clone());
         // A browser's cookie is sent by any page it visits: a change must
         // come from a page of ours.
         if caller.by_cookie && parts.method != Method::GET && parts.method != Method::HEAD {
@@ -170,6 +177,7 @@ async fn authenticate_inner(
         reach,
         addr,
         by_cookie,
+        session_id: None,
     })
 }
 

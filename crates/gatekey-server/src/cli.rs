@@ -31,6 +31,12 @@ struct Args {
     /// Database URL (sqlite://… or postgres://…) [default: SQLite in the data dir].
     #[arg(long)]
     database_url: Option<String>,
+    /// Message bus joining replicas (nats://… or amqp://…) [default: none, one control plane].
+    #[arg(long)]
+    bus_url: Option<String>,
+    /// This replica's name on the bus [default: random].
+    #[arg(long)]
+    replica_id: Option<String>,
     /// TLS certificate chain (PEM) [default: self-signed, CA in DATA_DIR/tls/ca.pem].
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -66,6 +72,12 @@ pub fn main() -> i32 {
         flag!(listen, data_dir, log_level);
         if args.database_url.is_some() {
             config.database_url = args.database_url.clone();
+        }
+        if args.bus_url.is_some() {
+            config.bus_url = args.bus_url.clone();
+        }
+        if args.replica_id.is_some() {
+            config.replica_id = args.replica_id.clone();
         }
         if args.tls_cert.is_some() {
             config.tls_cert = args.tls_cert.clone();

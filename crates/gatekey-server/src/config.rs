@@ -65,6 +65,16 @@ pub struct Config {
     /// Origins besides the control plane's own allowed to open WebSockets
     /// and to send cookie-authenticated changes (e.g. `https://ops.example.com`).
     pub allowed_origins: Vec<String>,
+    /// The message bus between replicas: `nats://…` or `amqp://…`
+    /// (docs/scaling.md). Unset: a single control plane.
+    pub bus_url: Option<String>,
+    /// This replica's name on the bus; default: a random one at each start.
+    pub replica_id: Option<String>,
+    /// A replica (or the far end of a cross-replica session) silent for this
+    /// long is gone; heartbeats go out at a third of it.
+    pub replica_timeout: Duration,
+    /// Bytes in flight per direction of a cross-replica session.
+    pub bus_window: u32,
     pub log_level: String,
 }
 
@@ -97,6 +107,10 @@ impl Default for Config {
             audit_retention: Duration::ZERO,
             login_key_ttl: Duration::from_secs(12 * 3600),
             allowed_origins: vec![],
+            bus_url: None,
+            replica_id: None,
+            replica_timeout: Duration::from_secs(15),
+            bus_window: 2 * 1024 * 1024,
             log_level: "info".into(),
         }
     }
@@ -144,6 +158,11 @@ struct FileConfig {
     #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
     login_key_ttl: Option<Duration>,
     allowed_origins: Option<Vec<String>>,
+    bus_url: Option<String>,
+    replica_id: Option<String>,
+    #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
+    replica_timeout: Option<Duration>,
+    bus_window: Option<u32>,
     log_level: Option<String>,
 }
 
@@ -188,6 +207,8 @@ impl Config {
             audit_output_limit,
             audit_retention,
             login_key_ttl,
+            replica_timeout,
+            bus_window,
             log_level
         );
         if let Some(v) = f.tls_san {
@@ -203,7 +224,7 @@ impl Config {
         macro_rules! set_opt {
             ($($k:ident),*) => { $( if f.$k.is_some() { self.$k = f.$k; } )* };
         }
-        set_opt!(database_url, tls_cert, tls_key);
+        set_opt!(database_url, tls_cert, tls_key, bus_url, replica_id);
         Ok(())
     }
 
@@ -312,6 +333,18 @@ impl Config {
                 .filter(|s| !s.is_empty())
                 .collect();
         }
+        if let Some(v) = lookup("GATEKEY_BUS_URL") {
+            self.bus_url = Some(v).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = lookup("GATEKEY_REPLICA_ID") {
+            self.replica_id = Some(v).filter(|v| !v.is_empty());
+        }
+        if let Some(v) = dur("GATEKEY_REPLICA_TIMEOUT")? {
+            self.replica_timeout = v;
+        }
+        if let Some(v) = num("GATEKEY_BUS_WINDOW")? {
+            self.bus_window = v.min(u32::MAX as u64) as u32;
+        }
         if let Some(v) = lookup("GATEKEY_LOG_LEVEL") {
             self.log_level = v;
         }
@@ -337,6 +370,28 @@ impl Config {
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err("tls_cert and tls_key must be set together".into());
+        }
+        if self.bus_url.is_some() {
+            let url = self.database_url();
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(
+                    "bus_url joins replicas, which must share one database: set database_url to postgres://…"
+                        .into(),
+                );
+            }
+        }
+        if let Some(id) = &self.replica_id
+            && !crate::cluster::valid_id(id)
+        {
+            return Err(format!(
+                "replica_id {id:?} must be 1-64 letters, digits, '-' or '_'"
+            ));
+        }
+        if self.replica_timeout < Duration::from_secs(3) {
+            return Err("replica_timeout must be at least 3s".into());
+        }
+        if !(64 * 1024..=64 * 1024 * 1024).contains(&self.bus_window) {
+            return Err("bus_window must be between 65536 and 67108864 bytes".into());
         }
         Ok(())
     }

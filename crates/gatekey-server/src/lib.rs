@@ -8,7 +8,9 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod authz;
+pub mod bus;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod live;
 pub mod password;
@@ -36,4 +38,6 @@ pub enum Error {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Bus(#[from] bus::BusError),
 }

@@ -109,6 +109,7 @@ impl Live {
         SessionView {
             id: self.id.clone(),
             agent: self.agent.clone(),
+            agent_type: self.node_type.as_str(),
             agent_id: self.agent_id.clone(),
             kind: self.kind,
             mode: self.mode(),
@@ -127,6 +128,7 @@ impl Live {
 pub struct SessionView {
     pub id: String,
     pub agent: String,
+    pub agent_type: &'static str,
     pub agent_id: String,
     pub kind: Kind,
     pub mode: &'static str,
@@ -154,6 +156,9 @@ pub struct Sessions {
 
 /// What a new session needs to be registered.
 pub struct NewSession {
+    /// The id to use (a session carried from another replica keeps its
+    /// tunnel's id); default: a new one.
+    pub id: Option<String>,
     pub kind: Kind,
     pub agent: String,
     pub agent_id: String,
@@ -240,8 +245,12 @@ impl Sessions {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let now = now_ms();
+        let id = new
+            .id
+            .filter(|id| !t.by_id.contains_key(id))
+            .unwrap_or_else(new_session_id);
         let live = Arc::new(Live {
-            id: new_session_id(),
+            id,
             kind: new.kind,
             agent: new.agent,
             agent_id: new.agent_id,
@@ -314,7 +323,7 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn new_session_id() -> String {
+pub fn new_session_id() -> String {
     let mut b = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
         .expect("system randomness");

@@ -53,11 +53,34 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::Listen(format!("cannot listen on {}: {e}", config.listen)))?;
+        let cluster = match &config.bus_url {
+            Some(url) => {
+                let replica = config
+                    .replica_id
+                    .clone()
+                    .unwrap_or_else(|| format!("r_{}", secret::random_hex(6)));
+                let bus = crate::bus::Bus::connect(url, &replica).await?;
+                tracing::info!(%replica, bus = bus.kind(), "joining the replicas on the bus");
+                let tunnel = crate::cluster::tunnel::TunnelConfig {
+                    window: config.bus_window,
+                    silence: config.replica_timeout,
+                    open_timeout: config.session_open_timeout,
+                };
+                Some(Arc::new(crate::cluster::Cluster::new(
+                    bus,
+                    replica,
+                    tunnel,
+                    config.replica_timeout / 3,
+                )))
+            }
+            None => None,
+        };
         let state = Arc::new(State {
             config,
             store,
             registry: Registry::default(),
             sessions: Default::default(),
+            cluster,
         });
         tokio::spawn(crate::audit::retention(state.clone()));
         Ok(Server {
@@ -84,6 +107,9 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let state = self.state;
         let router = api::router(state.clone());
+        if let Err(e) = crate::cluster::Cluster::start(&state, router.clone()).await {
+            tracing::error!(error = %e, "cannot listen on the message bus; other replicas cannot reach this one until it restarts");
+        }
         let limiter = Arc::new(Semaphore::new(state.config.max_connections));
         let timeout = state.config.request_timeout;
         let keepalive = state.config.tcp_keepalive;

@@ -193,6 +193,7 @@ pub fn new_session(
     size: Option<(u16, u16)>,
 ) -> crate::live::NewSession {
     crate::live::NewSession {
+        id: caller.session_id.clone(),
         kind,
         agent: target.node.name.clone(),
         agent_id: target.node.id.clone(),

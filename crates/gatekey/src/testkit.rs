@@ -105,6 +105,34 @@ impl Cluster {
         c
     }
 
+    /// Starts another replica of `first`'s installation: same database and
+    /// bus (in `extra_args`), same TLS certificate and admin key.
+    pub fn start_replica(first: &Cluster, extra_args: &[&str]) -> Cluster {
+        let tls = first.dir.join("server/tls");
+        let cert = tls.join("server.pem").display().to_string();
+        let key = tls.join("server-key.pem").display().to_string();
+        let mut args = vec!["--tls-cert", &cert, "--tls-key", &key];
+        args.extend_from_slice(extra_args);
+        let dir = std::env::temp_dir().join(format!(
+            "gatekey-test-{}-{}-r",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(dir.join("home/.config")).expect("create test dir");
+        let mut c = Cluster {
+            bins: first.bins.clone(),
+            ca_cert: first.ca_cert.clone(),
+            dir,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            url: String::new(),
+            admin_key: first.admin_key.clone(),
+            server: None,
+            server_args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        c.spawn_server("127.0.0.1:0");
+        c
+    }
+
     fn spawn_server(&mut self, listen: &str) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -148,12 +176,18 @@ impl Cluster {
                 addr = Some(rest.trim().parse::<SocketAddr>().expect("listen address"));
             }
         }
-        // The bootstrap key is printed only on first start; afterwards it is in the data dir.
+        // The bootstrap key is printed only on first start; afterwards it is
+        // in the data dir (a replica joining a shared database has none: it
+        // was given the first replica's).
         let key_file = self.dir.join("server/admin-token");
-        self.admin_key = std::fs::read_to_string(&key_file)
-            .expect("admin-token")
-            .trim()
-            .to_string();
+        if let Ok(key) = std::fs::read_to_string(&key_file) {
+            self.admin_key = key.trim().to_string();
+        }
+        assert!(
+            !self.admin_key.is_empty(),
+            "no admin key: {}",
+            key_file.display()
+        );
         self.addr = addr.unwrap();
         self.url = format!("https://{}", self.addr);
         self.server = Some(child);
@@ -551,5 +585,96 @@ impl Cluster {
             .await;
         assert_eq!(r.status, 201, "{}", r.body);
         r.json()["key"].as_str().expect("key").to_string()
+    }
+}
+
+/// A TCP forwarder on loopback: each connection goes to the first backend
+/// that accepts it, in turn (a load balancer in front of replicas, or a
+/// link to a broker that a test can cut).
+pub struct TcpForwarder {
+    pub addr: SocketAddr,
+    shared: std::sync::Arc<ForwarderShared>,
+}
+
+struct ForwarderShared {
+    backends: std::sync::Mutex<Vec<SocketAddr>>,
+    next: std::sync::atomic::AtomicUsize,
+    open: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    live: std::sync::Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl TcpForwarder {
+    pub fn start(backends: Vec<SocketAddr>) -> TcpForwarder {
+        use std::sync::atomic::AtomicBool;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind forwarder");
+        let addr = listener.local_addr().unwrap();
+        let shared = std::sync::Arc::new(ForwarderShared {
+            backends: std::sync::Mutex::new(backends),
+            next: Default::default(),
+            open: AtomicBool::new(true),
+            stop: AtomicBool::new(false),
+            live: Default::default(),
+        });
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                if !s.open.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let backends = s.backends.lock().unwrap().clone();
+                let start = s.next.fetch_add(1, Ordering::Relaxed);
+                let upstream = (0..backends.len()).find_map(|i| {
+                    let b = backends[(start + i) % backends.len()];
+                    std::net::TcpStream::connect_timeout(&b, Duration::from_secs(1)).ok()
+                });
+                let Some(upstream) = upstream else { continue };
+                let _ = client.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
+                {
+                    let mut live = s.live.lock().unwrap();
+                    live.push(client.try_clone().unwrap());
+                    live.push(upstream.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                    (upstream, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        TcpForwarder { addr, shared }
+    }
+
+    pub fn set_backends(&self, backends: Vec<SocketAddr>) {
+        *self.shared.backends.lock().unwrap() = backends;
+    }
+
+    /// Drops every forwarded connection and refuses new ones until `restore`.
+    pub fn cut(&self) {
+        self.shared.open.store(false, Ordering::Relaxed);
+        for c in self.shared.live.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.shared.open.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for TcpForwarder {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(self.addr);
+        self.cut();
     }
 }

@@ -10,7 +10,7 @@ use super::error::{ApiError, ApiResult};
 use super::format_time;
 use crate::auth::Caller;
 use crate::authz::{Action, Target};
-use crate::registry::AgentConn;
+use crate::cluster::AgentInfo;
 use crate::state::AppState;
 use crate::store::Node;
 
@@ -29,10 +29,13 @@ pub struct AgentView {
     pub session_enabled: bool,
     pub session_enabled_agent: Option<bool>,
     pub session_enabled_control_plane: bool,
+    /// The control-plane replica holding its link (with several replicas).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 impl AgentView {
-    pub fn new(node: &Node, conn: Option<&AgentConn>) -> AgentView {
+    pub fn new(node: &Node, conn: Option<&AgentInfo>) -> AgentView {
         let agent_side = conn
             .map(|c| c.session_enabled)
             .or(node.agent_session_enabled);
@@ -48,7 +51,7 @@ impl AgentView {
                 node.last_seen_at.map(format_time)
             },
             remote_addr: conn
-                .map(|c| c.remote_addr.to_string())
+                .map(|c| c.remote_addr.clone())
                 .or_else(|| node.last_addr.clone()),
             version: conn
                 .map(|c| c.version.clone())
@@ -59,6 +62,7 @@ impl AgentView {
             session_enabled: node.session_enabled && agent_side == Some(true),
             session_enabled_agent: agent_side,
             session_enabled_control_plane: node.session_enabled,
+            replica: conn.map(|c| c.replica.clone()).filter(|r| !r.is_empty()),
         }
     }
 }
@@ -76,16 +80,11 @@ pub async fn list(
 ) -> ApiResult<Json<serde_json::Value>> {
     state.authorize(&caller, Action::List, None).await?;
     let nodes = state.store.list_nodes(None).await?;
-    let conns: HashMap<String, _> = state
-        .registry
-        .list()
-        .into_iter()
-        .map(|c| (c.node_id.clone(), c))
-        .collect();
+    let conns: HashMap<String, AgentInfo> = state.connected_agents().await;
     let items: Vec<AgentView> = nodes
         .iter()
         .filter(|n| caller.reach.allows(Target::Node(n.node_type, &n.name)))
-        .map(|n| AgentView::new(n, conns.get(&n.id).map(|c| &**c)))
+        .map(|n| AgentView::new(n, conns.get(&n.id)))
         .filter(|a| !q.connected.unwrap_or(false) || a.connected)
         .collect();
     Ok(Json(serde_json::json!({ "items": items })))
@@ -107,6 +106,6 @@ pub async fn get(
             Some(Target::Node(node.node_type, &node.name)),
         )
         .await?;
-    let conn = state.registry.get(&node.id);
-    Ok(Json(AgentView::new(&node, conn.as_deref())))
+    let conn = state.connected_agent(&node.id).await;
+    Ok(Json(AgentView::new(&node, conn.as_ref())))
 }

@@ -58,7 +58,11 @@ async fn console_inner(
     mut req: Request,
 ) -> ApiResult<Response> {
     let addr = req.extensions().get::<RemoteAddr>().map(|a| a.0);
-    let caller = authenticate(&state, req.headers(), addr).await?;
+    let mut caller = authenticate(&state, req.headers(), addr).await?;
+    caller.session_id = req
+        .extensions()
+        .get::<crate::cluster::Proxied>()
+        .map(|p| p.session_id.clone());
     check_origin(&state, req.headers(), &caller, false).await?;
     let wanted = parse_query(req.uri().query().unwrap_or(""))?;
     let up = ws::prepare(&mut req, &channel::PROTOCOLS)?;
@@ -283,13 +287,21 @@ pub async fn list(
     caller: Caller,
 ) -> ApiResult<Json<serde_json::Value>> {
     state.authorize(&caller, Action::List, None).await?;
-    let sessions: Vec<_> = state
+    let mut sessions: Vec<serde_json::Value> = state
         .sessions
         .list()
         .iter()
         .filter(|l| caller.reach.allows(Target::Node(l.node_type, &l.agent)))
-        .map(|l| l.snapshot())
+        .filter_map(|l| serde_json::to_value(l.snapshot()).ok())
         .collect();
+    if let Some(cluster) = &state.cluster {
+        let field = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("").to_string();
+        sessions.extend(cluster.remote_sessions().await.into_iter().filter(|v| {
+            crate::store::NodeType::parse(&field(v, "agent_type"))
+                .is_some_and(|t| caller.reach.allows(Target::Node(t, &field(v, "agent"))))
+        }));
+        sessions.sort_by_key(|v| (field(v, "started_at"), field(v, "id")));
+    }
     Ok(Json(serde_json::json!({ "sessions": sessions })))
 }
 

@@ -41,7 +41,11 @@ pub async fn stream(
 
 async fn stream_inner(state: AppState, reference: String, mut req: Request) -> ApiResult<Response> {
     let addr = req.extensions().get::<RemoteAddr>().map(|a| a.0);
-    let caller = authenticate(&state, req.headers(), addr).await?;
+    let mut caller = authenticate(&state, req.headers(), addr).await?;
+    caller.session_id = req
+        .extensions()
+        .get::<crate::cluster::Proxied>()
+        .map(|p| p.session_id.clone());
     check_origin(&state, req.headers(), &caller, false).await?;
     let exec = exec_from_query(req.uri().query().unwrap_or(""))?;
     let up = ws::prepare(&mut req, &channel::PROTOCOLS)?;

@@ -72,6 +72,11 @@ pub fn router(state: AppState) -> Router {
         .nest("/api/v1/mesh/spokes", nodes::routes(NodeType::Spoke))
         .nest("/api/v1/devices", nodes::routes(NodeType::Device))
         .fallback(|| async { error::ApiError::not_found("no such endpoint: see docs/api.md") })
+        // With replicas: requests for an agent held elsewhere go there.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::cluster::proxy::route,
+        ))
         .with_state(state)
 }
 

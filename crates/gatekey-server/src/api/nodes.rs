@@ -68,8 +68,7 @@ pub struct NodeView {
     token: Option<String>,
 }
 
-fn view(state: &AppState, n: &Node) -> NodeView {
-    let connected = state.registry.get(&n.id).is_some();
+fn view(n: &Node, connected: bool) -> NodeView {
     NodeView {
         id: n.id.clone(),
         name: n.name.clone(),
@@ -141,7 +140,7 @@ async fn create(
         )
         .await?;
     tracing::info!(node = %node.name, id = %node.id, r#type = t.as_str(), "node created");
-    let mut v = view(&state, &node);
+    let mut v = view(&node, false);
     v.token = Some(token.token);
     Ok((StatusCode::CREATED, Json(v)))
 }
@@ -152,13 +151,14 @@ async fn list(
     caller: Caller,
 ) -> ApiResult<Json<serde_json::Value>> {
     state.authorize(&caller, Action::List, None).await?;
+    let connected = state.connected_agents().await;
     let items: Vec<NodeView> = state
         .store
         .list_nodes(Some(t))
         .await?
         .iter()
         .filter(|n| caller.reach.allows(Target::Node(n.node_type, &n.name)))
-        .map(|n| view(&state, n))
+        .map(|n| view(n, connected.contains_key(&n.id)))
         .collect();
     Ok(Json(serde_json::json!({ "items": items })))
 }
@@ -173,7 +173,8 @@ async fn get_one(
     state
         .authorize(&caller, Action::List, Some(Target::Node(t, &node.name)))
         .await?;
-    Ok(Json(view(&state, &node)))
+    let connected = state.connected_agent(&node.id).await.is_some();
+    Ok(Json(view(&node, connected)))
 }
 
 async fn update(
@@ -199,7 +200,8 @@ async fn update(
         node.session_enabled = enabled;
         tracing::info!(node = %node.name, id = %node.id, enabled, "control-plane session switch changed");
     }
-    Ok(Json(view(&state, &node)))
+    let connected = state.connected_agent(&node.id).await.is_some();
+    Ok(Json(view(&node, connected)))
 }
 
 async fn delete(
@@ -222,6 +224,15 @@ async fn delete(
     if let Some(conn) = state.registry.remove(&node.id) {
         conn.mux
             .close(close::NODE_DELETED, "node deleted on the control plane");
+    } else if let Some(cluster) = &state.cluster {
+        // Its link may be held by another replica.
+        let _ = cluster
+            .ask_agent(
+                &node.id,
+                crate::cluster::agent_op::DROP,
+                state.config.request_timeout,
+            )
+            .await;
     }
     tracing::info!(node = %node.name, id = %node.id, "node deleted; its token no longer works");
     Ok(StatusCode::NO_CONTENT)

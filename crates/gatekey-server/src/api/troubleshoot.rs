@@ -77,12 +77,15 @@ pub async fn list(
         locations.push(serde_json::json!({"location": CONTROL_PLANE, "label": "Control Plane"}));
     }
     if may {
-        let mut conns = state.registry.list();
-        conns.sort_by(|a, b| (a.node_type.as_str(), &a.name).cmp(&(b.node_type.as_str(), &b.name)));
+        let mut conns: Vec<_> = state.connected_agents().await.into_values().collect();
+        conns.sort_by(|a, b| (&a.node_type, &a.name).cmp(&(&b.node_type, &b.name)));
         for c in conns {
+            let Some(node_type) = NodeType::parse(&c.node_type) else {
+                continue;
+            };
             if !c.session_enabled
                 || !c.capabilities.iter().any(|k| k == "diag")
-                || !caller.reach.allows(Target::Node(c.node_type, &c.name))
+                || !caller.reach.allows(Target::Node(node_type, &c.name))
             {
                 continue;
             }
@@ -92,7 +95,7 @@ pub async fn list(
             if !node.session_enabled {
                 continue;
             }
-            let t = c.node_type.as_str();
+            let t = node_type.as_str();
             let mut label = format!("{}{}", t[..1].to_uppercase(), &t[1..]);
             label.push_str(": ");
             label.push_str(&c.name);

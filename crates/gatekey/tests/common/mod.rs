@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
+pub mod console_client;
+
 use std::process::Output;
 
 pub use gatekey::testkit::*;

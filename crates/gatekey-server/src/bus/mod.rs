@@ -1,0 +1,234 @@
+//! The `Bus` seam: how control-plane replicas reach each other.
+//!
+//! A replica that holds agent X listens on X's subject, so a request to it
+//! finds the holder with no presence table ("no responders" means "not
+//! connected anywhere"). Sessions between replicas travel over per-session
+//! subjects (see `cluster::tunnel`). Three transports behind one interface:
+//! NATS (`nats://`), RabbitMQ (`amqp://`, per-session auto-deleted queues)
+//! and an in-process one for unit tests.
+//!
+//! Delivery is at most once and ordered per publisher; everything above
+//! this layer (tunnels, gathers) carries its own flow control, timeouts and
+//! errors, and a lost broker connection ends whatever relied on it
+//! ([`Bus::lost`]).
+
+mod amqp;
+mod memory;
+mod nats;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+pub use memory::MemoryBroker;
+
+/// One message received on a subscription.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub subject: String,
+    /// Where an answer goes, for requests.
+    pub reply: Option<String>,
+    pub payload: Bytes,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BusError {
+    /// Nobody listens on the subject.
+    #[error("no replica listens on {0}")]
+    NoResponders(String),
+    #[error("no answer on {subject} within {}ms", timeout.as_millis())]
+    Timeout { subject: String, timeout: Duration },
+    /// The broker connection is down.
+    #[error("the message broker connection is down: {0}")]
+    Down(String),
+    #[error("message broker error: {0}")]
+    Broker(String),
+    #[error("invalid bus_url: {0}")]
+    Url(String),
+}
+
+/// A connection to the replicas' message bus.
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+enum Inner {
+    Memory(memory::Client),
+    Nats(nats::Nats),
+    Amqp(amqp::Amqp),
+}
+
+/// Messages on one subject; dropping it unsubscribes (and, on RabbitMQ,
+/// deletes its queue).
+pub struct Subscription {
+    rx: mpsc::Receiver<Msg>,
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl Subscription {
+    fn new(rx: mpsc::Receiver<Msg>, guard: impl Send + Sync + 'static) -> Subscription {
+        Subscription {
+            rx,
+            _guard: Some(Box::new(guard)),
+        }
+    }
+
+    /// The next message; `None` once the subscription (or the broker
+    /// connection it lived on) ended.
+    pub async fn next(&mut self) -> Option<Msg> {
+        self.rx.recv().await
+    }
+
+    /// Whether nothing is waiting to be read.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+}
+
+/// Messages a subscription may hold before its reader takes them. Tunnels
+/// keep far fewer in flight (their credit window), so this is never the
+/// limit that matters; it only bounds a misbehaving peer.
+const SUBSCRIPTION_BUFFER: usize = 1024;
+
+impl Bus {
+    /// Connects to `nats://…` or `amqp://…`. `replica` names this replica's
+    /// own queues.
+    pub async fn connect(url: &str, replica: &str) -> Result<Bus, BusError> {
+        let inner = if url.starts_with("nats://") || url.starts_with("tls://") {
+            Inner::Nats(nats::Nats::connect(url).await?)
+        } else if url.starts_with("amqp://") {
+            Inner::Amqp(amqp::Amqp::connect(url, replica).await?)
+        } else if url.starts_with("amqps://") {
+            return Err(BusError::Url(
+                "amqps:// is not supported: reach RabbitMQ over a private network, or through a local TLS tunnel, with amqp://".into(),
+            ));
+        } else {
+            return Err(BusError::Url(format!(
+                "{url:?}: use nats://HOST:4222 or amqp://USER:PASS@HOST:5672/%2f"
+            )));
+        };
+        Ok(Bus {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// A client of an in-process broker (tests of the cluster logic).
+    pub fn memory(broker: &MemoryBroker) -> Bus {
+        Bus {
+            inner: Arc::new(Inner::Memory(broker.client())),
+        }
+    }
+
+    /// Which transport this is, for logs and the bench.
+    pub fn kind(&self) -> &'static str {
+        match &*self.inner {
+            Inner::Memory(_) => "memory",
+            Inner::Nats(_) => "nats",
+            Inner::Amqp(_) => "amqp",
+        }
+    }
+
+    /// Subscribes to a subject only this replica uses (an agent's, a
+    /// session's, its own). On RabbitMQ this is an exclusive, auto-deleted
+    /// queue named after the subject.
+    pub async fn subscribe(&self, subject: &str) -> Result<Subscription, BusError> {
+        match &*self.inner {
+            Inner::Memory(m) => Ok(m.subscribe(subject)),
+            Inner::Nats(n) => n.subscribe(subject).await,
+            Inner::Amqp(a) => a.subscribe(subject).await,
+        }
+    }
+
+    /// Subscribes to a subject every replica hears (a broadcast).
+    pub async fn subscribe_broadcast(&self, subject: &str) -> Result<Subscription, BusError> {
+        match &*self.inner {
+            Inner::Memory(m) => Ok(m.subscribe(subject)),
+            Inner::Nats(n) => n.subscribe(subject).await,
+            Inner::Amqp(a) => a.subscribe_broadcast(subject).await,
+        }
+    }
+
+    /// Sends without waiting for anyone; ordered with this replica's other
+    /// publishes to the same subject.
+    pub async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), BusError> {
+        match &*self.inner {
+            Inner::Memory(m) => {
+                m.publish(subject, None, payload);
+                Ok(())
+            }
+            Inner::Nats(n) => n.publish(subject, payload).await,
+            Inner::Amqp(a) => a.publish(subject, payload).await,
+        }
+    }
+
+    /// Sends to every replica listening on a broadcast subject.
+    pub async fn broadcast(&self, subject: &str, payload: Bytes) -> Result<(), BusError> {
+        match &*self.inner {
+            Inner::Memory(m) => {
+                m.publish(subject, None, payload);
+                Ok(())
+            }
+            Inner::Nats(n) => n.publish(subject, payload).await,
+            Inner::Amqp(a) => a.broadcast(subject, payload).await,
+        }
+    }
+
+    /// Asks the one listener on `subject` and waits for its answer.
+    pub async fn request(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, BusError> {
+        let work = async {
+            match &*self.inner {
+                Inner::Memory(m) => m.request(subject, payload).await,
+                Inner::Nats(n) => n.request(subject, payload).await,
+                Inner::Amqp(a) => a.request(subject, payload).await,
+            }
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| BusError::Timeout {
+                subject: subject.to_string(),
+                timeout,
+            })?
+    }
+
+    /// Answers a request.
+    pub async fn respond(&self, to: &Msg, payload: Bytes) -> Result<(), BusError> {
+        let Some(reply) = &to.reply else {
+            return Ok(());
+        };
+        match &*self.inner {
+            Inner::Memory(m) => {
+                m.publish(reply, None, payload);
+                Ok(())
+            }
+            Inner::Nats(n) => n.publish(reply, payload).await,
+            Inner::Amqp(a) => a.respond(reply, payload).await,
+        }
+    }
+
+    /// Counts broker connection losses: whatever was in flight when it
+    /// changes (tunnels) must end, since messages may have been lost.
+    pub fn lost(&self) -> watch::Receiver<u64> {
+        match &*self.inner {
+            Inner::Memory(m) => m.lost(),
+            Inner::Nats(n) => n.lost(),
+            Inner::Amqp(a) => a.lost(),
+        }
+    }
+
+    /// Whether the broker connection is up now.
+    pub fn is_up(&self) -> bool {
+        match &*self.inner {
+            Inner::Memory(_) => true,
+            Inner::Nats(n) => n.is_up(),
+            Inner::Amqp(a) => a.is_up(),
+        }
+    }
+}

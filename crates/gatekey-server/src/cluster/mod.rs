@@ -1,0 +1,478 @@
+//! Control-plane replicas working as one (docs/scaling.md).
+//!
+//! Each replica listens on the bus for its agents (`gatekey.agent.ID`) and
+//! for itself (`gatekey.replica.ID`), and hears the others' heartbeats on
+//! `gatekey.replicas`. A request that concerns an agent held by another
+//! replica is carried there whole, through a [`tunnel`], and served by that
+//! replica's own API as if its client were connected to it: the same checks,
+//! the same session table (so consoles are shared, observed and taken over
+//! in one place), the same audit records. Lists are gathered from every
+//! live replica.
+
+pub mod proxy;
+pub mod tunnel;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::bus::{Bus, BusError, Msg, Subscription};
+use crate::registry::AgentConn;
+use crate::state::AppState;
+use tunnel::TunnelConfig;
+
+const REPLICAS: &str = "gatekey.replicas";
+
+pub fn agent_subject(node_id: &str) -> String {
+    format!("gatekey.agent.{node_id}")
+}
+
+pub fn replica_subject(replica: &str) -> String {
+    format!("gatekey.replica.{replica}")
+}
+
+/// Ids that go into subjects and queue names: short, and nothing a broker
+/// treats specially (dots, wildcards, spaces).
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Marks a request that arrived through a tunnel from another replica: it
+/// is served here, never forwarded again, and a session it opens takes the
+/// tunnel's id.
+#[derive(Clone, Debug)]
+pub struct Proxied {
+    pub session_id: String,
+    pub from_replica: String,
+}
+
+/// A connected agent as every replica sees it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub node_id: String,
+    pub name: String,
+    pub node_type: String,
+    pub remote_addr: String,
+    pub connected_at: i64,
+    pub version: String,
+    pub hostname: String,
+    pub session_enabled: bool,
+    pub capabilities: Vec<String>,
+    pub replica: String,
+}
+
+impl AgentInfo {
+    pub fn of(conn: &AgentConn, replica: &str) -> AgentInfo {
+        AgentInfo {
+            node_id: conn.node_id.clone(),
+            name: conn.name.clone(),
+            node_type: conn.node_type.as_str().to_string(),
+            remote_addr: conn.remote_addr.to_string(),
+            connected_at: conn.connected_at,
+            version: conn.version.clone(),
+            hostname: conn.hostname.clone(),
+            session_enabled: conn.session_enabled,
+            capabilities: conn.capabilities.clone(),
+            replica: replica.to_string(),
+        }
+    }
+}
+
+/// Questions one replica asks another.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Query {
+    Agents,
+    Sessions,
+    HasSession { id: String },
+}
+
+pub struct Cluster {
+    pub bus: Bus,
+    pub replica: String,
+    pub tunnel: TunnelConfig,
+    /// Bounds questions to other replicas.
+    pub ask_timeout: Duration,
+    heartbeat: Duration,
+    /// Other replicas, by id, with when they were last heard.
+    peers: Mutex<HashMap<String, Instant>>,
+    router: OnceLock<axum::Router>,
+}
+
+impl Cluster {
+    pub fn new(bus: Bus, replica: String, tunnel: TunnelConfig, heartbeat: Duration) -> Cluster {
+        Cluster {
+            bus,
+            replica,
+            ask_timeout: tunnel.open_timeout,
+            tunnel,
+            heartbeat,
+            peers: Mutex::new(HashMap::new()),
+            router: OnceLock::new(),
+        }
+    }
+
+    /// Starts the replica's listeners and heartbeat. The router serves
+    /// requests that other replicas carry here.
+    pub async fn start(state: &AppState, router: axum::Router) -> Result<(), BusError> {
+        let Some(cluster) = state.cluster.clone() else {
+            return Ok(());
+        };
+        let _ = cluster.router.set(router);
+        let own = cluster
+            .bus
+            .subscribe(&replica_subject(&cluster.replica))
+            .await?;
+        let heard = cluster.bus.subscribe_broadcast(REPLICAS).await?;
+        tokio::spawn(listen_replica(state.clone(), own));
+        tokio::spawn(listen_heartbeats(state.clone(), heard));
+        tokio::spawn(send_heartbeats(state.clone()));
+        Ok(())
+    }
+
+    /// Replicas heard from recently, except this one.
+    pub fn live_peers(&self) -> Vec<String> {
+        let gone_after = self.heartbeat * 3;
+        let mut peers = self.peers.lock().expect("peers");
+        peers.retain(|_, seen| seen.elapsed() < gone_after * 4);
+        let mut v: Vec<String> = peers
+            .iter()
+            .filter(|(_, seen)| seen.elapsed() < gone_after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    async fn ask(&self, replica: &str, query: &Query) -> Result<serde_json::Value, BusError> {
+        let mut payload = vec![b'J'];
+        payload.extend(serde_json::to_vec(query).expect("serializable"));
+        let answer = self
+            .bus
+            .request(
+                &replica_subject(replica),
+                Bytes::from(payload),
+                self.ask_timeout,
+            )
+            .await?;
+        serde_json::from_slice(&answer).map_err(|e| BusError::Broker(e.to_string()))
+    }
+
+    /// Asks every live peer at once; peers that fail are logged and left out.
+    async fn gather(&self, query: &Query) -> Vec<(String, serde_json::Value)> {
+        let peers = self.live_peers();
+        let asks = peers
+            .iter()
+            .map(|p| async move { (p, self.ask(p, query).await) });
+        let mut out = Vec::new();
+        for (peer, answer) in futures_util::future::join_all(asks).await {
+            match answer {
+                Ok(v) => out.push((peer.clone(), v)),
+                Err(e) => tracing::warn!(replica = %peer, error = %e, "a replica did not answer"),
+            }
+        }
+        out
+    }
+
+    /// Agents connected to other replicas.
+    pub async fn remote_agents(&self) -> Vec<AgentInfo> {
+        self.gather(&Query::Agents)
+            .await
+            .into_iter()
+            .flat_map(|(_, v)| serde_json::from_value::<Vec<AgentInfo>>(v).unwrap_or_default())
+            .collect()
+    }
+
+    /// Sessions live on other replicas, as the API shows them.
+    pub async fn remote_sessions(&self) -> Vec<serde_json::Value> {
+        self.gather(&Query::Sessions)
+            .await
+            .into_iter()
+            .flat_map(|(_, v)| match v {
+                serde_json::Value::Array(a) => a,
+                _ => vec![],
+            })
+            .collect()
+    }
+
+    /// The replica holding a live session, if another one does.
+    pub async fn session_holder(&self, id: &str) -> Option<String> {
+        let query = Query::HasSession { id: id.to_string() };
+        self.gather(&query)
+            .await
+            .into_iter()
+            .find(|(_, v)| v.as_bool() == Some(true))
+            .map(|(peer, _)| peer)
+    }
+
+    /// Asks the replica holding `node_id` something about its link.
+    pub async fn ask_agent(
+        &self,
+        node_id: &str,
+        op: u8,
+        timeout: Duration,
+    ) -> Result<Bytes, BusError> {
+        self.bus
+            .request(&agent_subject(node_id), Bytes::from(vec![op]), timeout)
+            .await
+    }
+}
+
+/// Answers to `ask_agent`.
+pub mod agent_op {
+    /// "Is your link alive?": answers `alive` or `dead` (after closing it).
+    pub const PROBE: u8 = b'P';
+    /// "Describe it": answers the agent's [`super::AgentInfo`] as JSON.
+    pub const INFO: u8 = b'I';
+    /// "Close it, the node was deleted": answers `ok`.
+    pub const DROP: u8 = b'D';
+}
+
+/// Listens on an agent's subject while this replica holds its link.
+/// Dropping it stops listening.
+pub struct AgentListener(tokio::task::JoinHandle<()>);
+
+impl Drop for AgentListener {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub async fn listen_agent(state: &AppState, conn: Arc<AgentConn>) -> Option<AgentListener> {
+    let cluster = state.cluster.clone()?;
+    let subject = agent_subject(&conn.node_id);
+    let first = match cluster.bus.subscribe(&subject).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(agent = %conn.name, error = %e, "cannot listen for the agent on the bus; retrying");
+            None
+        }
+    };
+    let state = state.clone();
+    Some(AgentListener(tokio::spawn(async move {
+        let mut sub = first;
+        loop {
+            let Some(s) = sub.as_mut() else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                sub = cluster.bus.subscribe(&subject).await.ok();
+                continue;
+            };
+            let Some(msg) = s.next().await else {
+                // The broker connection was re-made: listen again.
+                sub = None;
+                continue;
+            };
+            let state = state.clone();
+            let cluster = cluster.clone();
+            let conn = conn.clone();
+            tokio::spawn(async move { on_agent_message(&state, &cluster, &conn, msg).await });
+        }
+    })))
+}
+
+async fn on_agent_message(state: &AppState, cluster: &Cluster, conn: &AgentConn, msg: Msg) {
+    match msg.payload.first() {
+        Some(b'T') => serve_tunnel(state, cluster, &msg).await,
+        Some(&agent_op::PROBE) => {
+            let alive = conn.mux.probe(state.config.liveness_probe_timeout).await;
+            if !alive {
+                conn.mux.close(
+                    crate::agent_link::close::DUPLICATE,
+                    "replaced by a new connection",
+                );
+            }
+            let answer: &'static [u8] = if alive { b"alive" } else { b"dead" };
+            let _ = cluster.bus.respond(&msg, Bytes::from_static(answer)).await;
+        }
+        Some(&agent_op::INFO) => {
+            let info = AgentInfo::of(conn, &cluster.replica);
+            let body = serde_json::to_vec(&info).expect("serializable");
+            let _ = cluster.bus.respond(&msg, Bytes::from(body)).await;
+        }
+        Some(&agent_op::DROP) => {
+            conn.mux.close(
+                crate::agent_link::close::NODE_DELETED,
+                "node deleted on the control plane",
+            );
+            let _ = cluster.bus.respond(&msg, Bytes::from_static(b"ok")).await;
+        }
+        _ => {}
+    }
+}
+
+/// Serves a request another replica carried here, on this replica's API.
+async fn serve_tunnel(state: &AppState, cluster: &Cluster, msg: &Msg) {
+    let Some(request) = tunnel::parse_open(msg) else {
+        tunnel::refuse(&cluster.bus, msg, "malformed tunnel request").await;
+        return;
+    };
+    let Some(router) = cluster.router.get().cloned() else {
+        tunnel::refuse(&cluster.bus, msg, "the replica is starting").await;
+        return;
+    };
+    let t = match tunnel::accept(&cluster.bus, msg, &request, cluster.tunnel).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot accept a tunnel from another replica");
+            return;
+        }
+    };
+    let addr = request
+        .client_addr
+        .unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+    let proxied = Proxied {
+        session_id: request.id.clone(),
+        from_replica: request.from_replica.clone(),
+    };
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(crate::server::RemoteAddr(addr));
+            req.extensions_mut().insert(proxied.clone());
+            tower::ServiceExt::oneshot(router.clone(), req)
+        });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(state.config.request_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(t.io), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "tunnelled connection ended with an error");
+    }
+}
+
+async fn listen_replica(state: AppState, first: Subscription) {
+    let Some(cluster) = state.cluster.clone() else {
+        return;
+    };
+    let subject = replica_subject(&cluster.replica);
+    let mut sub = Some(first);
+    loop {
+        let Some(s) = sub.as_mut() else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            sub = cluster.bus.subscribe(&subject).await.ok();
+            continue;
+        };
+        let Some(msg) = s.next().await else {
+            sub = None;
+            continue;
+        };
+        let state = state.clone();
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            match msg.payload.first() {
+                Some(b'T') => serve_tunnel(&state, &cluster, &msg).await,
+                Some(b'J') => {
+                    let answer = match serde_json::from_slice::<Query>(&msg.payload[1..]) {
+                        Ok(q) => answer(&state, &cluster, q),
+                        Err(_) => serde_json::Value::Null,
+                    };
+                    let body = serde_json::to_vec(&answer).expect("serializable");
+                    let _ = cluster.bus.respond(&msg, Bytes::from(body)).await;
+                }
+                _ => {}
+            }
+        });
+    }
+}
+
+fn answer(state: &AppState, cluster: &Cluster, q: Query) -> serde_json::Value {
+    match q {
+        Query::Agents => serde_json::to_value(
+            state
+                .registry
+                .list()
+                .iter()
+                .map(|c| AgentInfo::of(c, &cluster.replica))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_or_default(),
+        Query::Sessions => serde_json::to_value(
+            state
+                .sessions
+                .list()
+                .iter()
+                .map(|l| l.snapshot())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_or_default(),
+        Query::HasSession { id } => serde_json::Value::Bool(state.sessions.get(&id).is_some()),
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Heartbeat {
+    replica: String,
+    /// A new replica asks the others to introduce themselves at once.
+    hello: bool,
+}
+
+async fn send_heartbeats(state: AppState) {
+    let Some(cluster) = state.cluster.clone() else {
+        return;
+    };
+    let mut hello = true;
+    let mut tick = tokio::time::interval(cluster.heartbeat);
+    loop {
+        tick.tick().await;
+        let beat = Heartbeat {
+            replica: cluster.replica.clone(),
+            hello,
+        };
+        let body = serde_json::to_vec(&beat).expect("serializable");
+        match cluster.bus.broadcast(REPLICAS, Bytes::from(body)).await {
+            Ok(()) => hello = false,
+            Err(e) => {
+                tracing::debug!(error = %e, "heartbeat not sent");
+                hello = true;
+            }
+        }
+    }
+}
+
+async fn listen_heartbeats(state: AppState, first: Subscription) {
+    let Some(cluster) = state.cluster.clone() else {
+        return;
+    };
+    let mut sub = Some(first);
+    loop {
+        let Some(s) = sub.as_mut() else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            sub = cluster.bus.subscribe_broadcast(REPLICAS).await.ok();
+            continue;
+        };
+        let Some(msg) = s.next().await else {
+            sub = None;
+            continue;
+        };
+        let Ok(beat) = serde_json::from_slice::<Heartbeat>(&msg.payload) else {
+            continue;
+        };
+        if beat.replica == cluster.replica || !valid_id(&beat.replica) {
+            continue;
+        }
+        let new = cluster
+            .peers
+            .lock()
+            .expect("peers")
+            .insert(beat.replica.clone(), Instant::now())
+            .is_none();
+        if new {
+            tracing::info!(replica = %beat.replica, "replica joined");
+        }
+        if beat.hello {
+            let reply = Heartbeat {
+                replica: cluster.replica.clone(),
+                hello: false,
+            };
+            let body = serde_json::to_vec(&reply).expect("serializable");
+            let _ = cluster.bus.broadcast(REPLICAS, Bytes::from(body)).await;
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Carrying a request to the replica that can serve it.
+//!
+//! Requests about one agent (its details, exec, console, diagnostics run
+//! there) go to the replica holding the agent's link; killing a session
+//! goes to the replica running it. The request travels whole through a
+//! tunnel and is served by that replica's own API, so checks, errors and
+//! audit records are the same wherever the client connected. A WebSocket
+//! upgrade is spliced byte for byte; if the far replica or the broker goes
+//! away mid-session, the client still gets a status saying so.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use gatekey_proto::channel::{self, Status};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::tunnel::{self, OpenError, OpenRequest};
+use super::{Cluster, Proxied, agent_subject, replica_subject};
+use crate::api::error::ApiError;
+use crate::bus::BusError;
+use crate::server::RemoteAddr;
+use crate::state::AppState;
+
+/// Middleware: serves here what this replica can serve, carries the rest.
+pub async fn route(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(cluster) = state.cluster.clone() else {
+        return next.run(req).await;
+    };
+    if req.extensions().get::<Proxied>().is_some() {
+        return next.run(req).await;
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let Some((subject, label)) = destination(&state, &cluster, &method, &path, &query).await else {
+        return next.run(req).await;
+    };
+    let addr = req.extensions().get::<RemoteAddr>().map(|a| a.0);
+    let open = OpenRequest {
+        id: crate::live::new_session_id(),
+        client_addr: addr,
+        from_replica: cluster.replica.clone(),
+        window: 0,
+    };
+    let t = match tunnel::open(&cluster.bus, &subject, open, cluster.tunnel).await {
+        Ok(t) => t,
+        // It left since we looked: the handler here says it is not connected.
+        Err(OpenError::Bus(BusError::NoResponders(_))) => return next.run(req).await,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "replica_unavailable",
+                format!("cannot reach the control-plane replica holding {label}: {e}"),
+            )
+            .into_response();
+        }
+    };
+    match forward(req, t, label.clone()).await {
+        Ok(r) => r,
+        Err(e) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "replica_unavailable",
+            format!("the control-plane replica holding {label} failed to answer: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+/// Where a request must be served, when not here: a subject and a label for
+/// messages.
+async fn destination(
+    state: &AppState,
+    cluster: &Cluster,
+    method: &Method,
+    path: &str,
+    query: &str,
+) -> Option<(String, String)> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let reference: String = match segments.as_slice() {
+        ["api", "v1", "agents", r] if method == Method::GET => (*r).to_string(),
+        ["api", "v1", "agents", r, "exec"] if method == Method::POST => (*r).to_string(),
+        ["ws", "v1", "agents", r, "exec" | "console"] if method == Method::GET => (*r).to_string(),
+        ["ws", "v1", "devices", r, "console"] if method == Method::GET => (*r).to_string(),
+        ["api", "v1", "troubleshoot"] if method == Method::POST => {
+            let location = form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == "location")
+                .map(|(_, v)| v.into_owned())?;
+            location.split_once(':')?.1.to_string()
+        }
+        ["api", "v1", "sessions", id] if method == Method::DELETE => {
+            if state.sessions.get(id).is_some() || !super::valid_id(id) {
+                return None;
+            }
+            let holder = cluster.session_holder(id).await?;
+            return Some((replica_subject(&holder), format!("session {id}")));
+        }
+        _ => return None,
+    };
+    if gatekey_proto::names::validate("agent", &reference).is_err() {
+        return None;
+    }
+    let node = state.store.find_node(&reference).await.ok()??;
+    if state.registry.get(&node.id).is_some() {
+        return None;
+    }
+    Some((agent_subject(&node.id), format!("agent {}", node.name)))
+}
+
+/// Sends the request through the tunnel and hands back the far replica's
+/// answer (splicing an upgraded connection).
+async fn forward(
+    mut req: Request,
+    t: tunnel::Tunnel,
+    label: String,
+) -> Result<Response, hyper::Error> {
+    let upgrade = req
+        .headers()
+        .get(axum::http::header::UPGRADE)
+        .is_some()
+        .then(|| hyper::upgrade::on(&mut req));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(t.io)).await?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let mut resp = sender.send_request(req).await?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client) = upgrade
+    {
+        let upstream = hyper::upgrade::on(&mut resp);
+        let ended = t.ended;
+        tokio::spawn(async move {
+            match tokio::try_join!(client, upstream) {
+                Ok((client, upstream)) => splice(client, upstream, ended, &label).await,
+                Err(e) => tracing::debug!(error = %e, "tunnelled upgrade failed"),
+            }
+        });
+        return Ok(resp.map(|_| Body::empty()));
+    }
+    Ok(resp.map(Body::new))
+}
+
+/// Copies both ways between the client and the far replica. When the
+/// tunnel breaks, the client gets a status (at a frame boundary) and a close.
+async fn splice(
+    client: hyper::upgrade::Upgraded,
+    upstream: hyper::upgrade::Upgraded,
+    mut ended: watch::Receiver<Option<String>>,
+    label: &str,
+) {
+    let (mut client_rd, mut client_wr) = tokio::io::split(TokioIo::new(client));
+    let (mut up_rd, mut up_wr) = tokio::io::split(TokioIo::new(upstream));
+    let to_far = async {
+        let _ = tokio::io::copy(&mut client_rd, &mut up_wr).await;
+        let _ = up_wr.shutdown().await;
+    };
+    let to_client = async {
+        let mut frames = FrameTracker::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match up_rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    frames.feed(&buf[..n]);
+                    if client_wr.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        // A broken tunnel has its reason set before its reader sees the end.
+        let why = ended.borrow_and_update().clone();
+        if let Some(why) = why
+            && frames.at_boundary()
+        {
+            let status = Status::failure(
+                channel::REASON_SESSION_LOST,
+                format!("lost the control-plane replica holding {label}: {why}"),
+            );
+            let _ = client_wr
+                .write_all(&ws_frame(0x2, &status.to_message()))
+                .await;
+            let _ = client_wr
+                .write_all(&ws_frame(0x8, &1011u16.to_be_bytes()))
+                .await;
+        }
+        let _ = client_wr.shutdown().await;
+    };
+    tokio::select! {
+        _ = to_client => {}
+        _ = async { to_far.await; std::future::pending::<()>().await } => {}
+    }
+}
+
+/// One unmasked (server to client) WebSocket frame.
+fn ws_frame(opcode: u8, payload: &[u8]) -> Bytes {
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(n as u8),
+        n if n <= u16::MAX as usize => {
+            f.push(126);
+            f.extend((n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(127);
+            f.extend((n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(payload);
+    Bytes::from(f)
+}
+
+/// Follows WebSocket frame boundaries in a byte stream, so that a status
+/// is only ever added between frames.
+#[derive(Default)]
+struct FrameTracker {
+    header: Vec<u8>,
+    remaining: u64,
+}
+
+impl FrameTracker {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.remaining > 0 {
+                let n = (self.remaining.min(bytes.len() as u64)) as usize;
+                self.remaining -= n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            self.header.push(bytes[0]);
+            bytes = &bytes[1..];
+            if let Some(len) = self.payload_len() {
+                self.header.clear();
+                self.remaining = len;
+            }
+        }
+    }
+
+    /// The payload length once the header is complete.
+    fn payload_len(&self) -> Option<u64> {
+        let h = &self.header;
+        if h.len() < 2 {
+            return None;
+        }
+        let masked = h[1] & 0x80 != 0;
+        let (ext, len7) = match h[1] & 0x7f {
+            126 => (2, None),
+            127 => (8, None),
+            n => (0, Some(n as u64)),
+        };
+        let need = 2 + ext + if masked { 4 } else { 0 };
+        if h.len() < need {
+            return None;
+        }
+        Some(match len7 {
+            Some(n) => n,
+            None if ext == 2 => u16::from_be_bytes([h[2], h[3]]) as u64,
+            None => u64::from_be_bytes(h[2..10].try_into().expect("8 bytes")),
+        })
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.header.is_empty() && self.remaining == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_boundaries_are_followed_across_reads() {
+        let mut stream = Vec::new();
+        stream.extend(ws_frame(0x2, b"hello"));
+        stream.extend(ws_frame(0x2, &vec![7u8; 300]));
+        stream.extend(ws_frame(0x2, &vec![9u8; 70_000]));
+        for split in [1, 2, 3, 7, 100, 4096, stream.len()] {
+            let mut t = FrameTracker::default();
+            for chunk in stream.chunks(split) {
+                t.feed(chunk);
+            }
+            assert!(t.at_boundary(), "split {split}");
+            t.feed(&ws_frame(0x2, b"abc")[..3]);
+            assert!(!t.at_boundary());
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! Three control-plane replicas on one PostgreSQL database, joined by
+//! NATS or RabbitMQ (the machine's own), with agents spread over them:
+//! exec, console (share, observe, take over) and kill across replicas, the
+//! same lists and one audit chain everywhere, the loss of a replica and of
+//! the broker. Skips with a message where a service is absent.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use common::console_client::{open, query, tty};
+use common::{TcpForwarder, assert_code, bins, stdout};
+use gatekey::testkit::{AgentProc, Cluster, wait_until};
+use gatekey_proto::channel;
+
+#[derive(Clone, Copy, Debug)]
+enum Broker {
+    Nats,
+    Amqp,
+}
+
+impl Broker {
+    fn addr(self) -> SocketAddr {
+        match self {
+            Broker::Nats => "127.0.0.1:4222",
+            Broker::Amqp => "127.0.0.1:5672",
+        }
+        .parse()
+        .unwrap()
+    }
+
+    fn url(self, addr: SocketAddr) -> String {
+        match self {
+            Broker::Nats => format!("nats://{addr}"),
+            Broker::Amqp => format!("amqp://guest:guest@{addr}/%2f"),
+        }
+    }
+}
+
+/// A database schema of its own on the machine's PostgreSQL.
+fn postgres_url() -> Option<String> {
+    let base = std::env::var("GATEKEY_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!(
+        "gk_cluster_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let ok = Command::new("psql")
+        .args([&base, "-q", "-c", &format!("CREATE SCHEMA {schema}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        return None;
+    }
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{sep}options=-csearch_path%3D{schema}"))
+}
+
+/// Three replicas; the broker is reached through a link the test can cut.
+struct Replicas {
+    r: Vec<Cluster>,
+    broker_link: TcpForwarder,
+    /// What agents dial: any live replica.
+    balancer: TcpForwarder,
+}
+
+fn start(broker: Broker) -> Option<Replicas> {
+    if std::net::TcpStream::connect_timeout(&broker.addr(), Duration::from_secs(2)).is_err() {
+        eprintln!("SKIP: no {broker:?} broker at {}", broker.addr());
+        return None;
+    }
+    let Some(db) = postgres_url() else {
+        eprintln!("SKIP: no PostgreSQL (set GATEKEY_TEST_POSTGRES_URL)");
+        return None;
+    };
+    let broker_link = TcpForwarder::start(vec![broker.addr()]);
+    let bus = broker.url(broker_link.addr);
+    let config = std::env::temp_dir().join(format!("gatekey-cluster-{}.yaml", std::process::id()));
+    std::fs::write(&config, "replica_timeout: 4s\nrequest_timeout: 5s\n").unwrap();
+    let config = config.display().to_string();
+    let args = |id: &str| -> Vec<String> {
+        [
+            "--config",
+            &config,
+            "--database-url",
+            &db,
+            "--bus-url",
+            &bus,
+            "--replica-id",
+            id,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let a1 = args("r1");
+    let first = Cluster::start_with(&bins(), &a1.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let mut r = vec![first];
+    for id in ["r2", "r3"] {
+        let a = args(id);
+        let c = Cluster::start_replica(&r[0], &a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        r.push(c);
+    }
+    let balancer = TcpForwarder::start(r.iter().map(|c| c.addr).collect());
+    // Every replica knows the other two before the test starts.
+    for c in &r {
+        wait_until(
+            Duration::from_secs(20),
+            "replicas to hear each other",
+            || c.log("server.log").matches("replica joined").count() >= 2,
+        );
+    }
+    Some(Replicas {
+        r,
+        broker_link,
+        balancer,
+    })
+}
+
+impl Replicas {
+    /// Registers a gateway and starts its agent dialling `url`.
+    fn agent(&self, name: &str, url: &str) -> AgentProc {
+        let node = self.r[0].create_node("gateway", name);
+        let cfg = self.r[0].agent_config(name, &node.token, true, "");
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace(&self.r[0].url, url);
+        std::fs::write(&cfg, text).unwrap();
+        let proc = self.r[0].spawn_agent(&cfg);
+        self.r[0].wait_for_agent(name, true, &proc);
+        proc
+    }
+
+    /// Which replica (index) holds the agent's link, asked of replica `via`.
+    fn holder(&self, via: usize, name: &str) -> Option<usize> {
+        let out = self.r[via].admin_run(&["session", "list", "--all", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let items = v.as_array().or_else(|| v["items"].as_array())?.clone();
+        let a = items
+            .iter()
+            .find(|a| a["name"] == name && a["connected"] == true)?;
+        let id = a["replica"].as_str()?;
+        id.strip_prefix('r')?.parse::<usize>().ok().map(|n| n - 1)
+    }
+}
+
+fn exec_across(broker: Broker) {
+    let Some(rs) = start(broker) else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The agent is held by r2; clients use r1 and r3.
+    let _agent = rs.agent("gw-far", &rs.r[1].url);
+    assert_eq!(rs.holder(0, "gw-far"), Some(1));
+    assert_eq!(rs.holder(2, "gw-far"), Some(1));
+
+    // Exec with its output, stderr and exit code, through r1.
+    let out = rs.r[0].admin_run(&[
+        "session",
+        "exec",
+        "gw-far",
+        "echo out-$((2+3)); echo err >&2; exit 3",
+    ]);
+    assert_code(&out, 3);
+    assert_eq!(stdout(&out), "out-5\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("err"));
+    // 20 MB intact through the broker.
+    let out = rs.r[2].admin_run(&["session", "exec", "gw-far", "head -c 20000000 /dev/zero"]);
+    assert_code(&out, 0);
+    assert_eq!(out.stdout.len(), 20_000_000);
+    // stdin the other way.
+    let mut child = rs.r[0]
+        .admin()
+        .args(["session", "exec", "gw-far", "wc -c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&vec![b'x'; 5_000_000]).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(stdout(&out).trim(), "5000000");
+
+    rt.block_on(async {
+        // A console opened through r1, shared through r3, observed through
+        // r2 (where the agent is), all one session.
+        let mut a = tty(&rs.r[0], "gw-far", "").await.unwrap();
+        a.send("echo first-$((6*7))\r").await;
+        a.output_contains("first-42").await;
+        let mut b = tty(&rs.r[2], "gw-far", "&mode=share").await.unwrap();
+        b.until("the join notice", |_, n| n.contains("joined the console"))
+            .await;
+        let mut o = tty(&rs.r[1], "gw-far", "&mode=observe").await.unwrap();
+        o.until("the observe notice", |_, n| n.contains("observing"))
+            .await;
+        b.send("echo shared-$((7*6))\r").await;
+        a.output_contains("shared-42").await;
+        o.output_contains("shared-42").await;
+
+        // The same session, with its three participants, from every replica.
+        let mut ids = Vec::new();
+        for c in &rs.r {
+            let v: serde_json::Value =
+                serde_json::from_str(&c.admin_ok(&["session", "active", "-o", "json"])).unwrap();
+            let list = v.as_array().unwrap();
+            assert_eq!(list.len(), 1, "{v}");
+            assert_eq!(list[0]["participants"].as_array().unwrap().len(), 3, "{v}");
+            ids.push(list[0]["id"].as_str().unwrap().to_string());
+        }
+        assert!(ids.iter().all(|i| i == &ids[0]), "{ids:?}");
+
+        // A second exclusive console is refused wherever it asks.
+        let busy = match open(&rs.r[2], "gw-far", &query(r#"{"tty":true}"#, "")).await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a second exclusive console was allowed"),
+        };
+        assert!(
+            busy.contains("409") || busy.contains("already open"),
+            "{busy}"
+        );
+
+        // Taken over from r3: everyone in the old one is told who.
+        let mut t = tty(&rs.r[2], "gw-far", "&force=true").await.unwrap();
+        for c in [&mut a, &mut b, &mut o] {
+            let s = c.finish(Duration::from_secs(15)).await;
+            assert_eq!(s.reason, channel::REASON_TAKEN_OVER, "{s:?}");
+        }
+        t.send("echo mine-$((1+1))\r").await;
+        t.output_contains("mine-2").await;
+
+        // Killed from r1 (the session runs on r2).
+        let v: serde_json::Value =
+            serde_json::from_str(&rs.r[0].admin_ok(&["session", "active", "-o", "json"])).unwrap();
+        let id = v[0]["id"].as_str().unwrap().to_string();
+        rs.r[0].admin_ok(&["session", "kill", &id]);
+        let s = t.finish(Duration::from_secs(15)).await;
+        assert_eq!(s.reason, channel::REASON_KILLED, "{s:?}");
+        assert!(s.message.contains("killed by admin"), "{s:?}");
+        let out = rs.r[2].admin_run(&["session", "kill", &id]);
+        assert!(!out.status.success(), "a second kill found the session");
+    });
+
+    // Diagnostics run on the agent through another replica.
+    let out = rs.r[2].admin_run(&[
+        "troubleshoot",
+        "nc",
+        "127.0.0.1",
+        "--port",
+        "1",
+        "--location",
+        "gateway:gw-far",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("refused"),
+        "{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // One audit chain, written by three replicas, valid from each.
+    for c in &rs.r {
+        c.admin_ok(&["audit", "verify"]);
+    }
+    let records = rs.r[1].admin_ok(&["audit", "list", "--agent", "gw-far", "-o", "json"]);
+    for action in [
+        "session.opened",
+        "session.joined",
+        "session.taken_over",
+        "session.killed",
+        "session.closed",
+        "troubleshoot.run",
+    ] {
+        assert!(records.contains(action), "no {action} in {records}");
+    }
+    drop(rs.broker_link);
+}
+
+#[test]
+fn exec_console_kill_and_diagnostics_across_replicas_over_nats() {
+    exec_across(Broker::Nats);
+}
+
+#[test]
+fn exec_console_kill_and_diagnostics_across_replicas_over_rabbitmq() {
+    exec_across(Broker::Amqp);
+}
+
+fn failures(broker: Broker) {
+    let Some(mut rs) = start(broker) else { return };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let lb = format!("https://{}", rs.balancer.addr);
+    let _far = rs.agent("gw-lost", &lb);
+    let h = rs.holder(0, "gw-lost").expect("gw-lost held");
+    let client = (h + 1) % 3;
+    let other = (h + 2) % 3;
+    // A second agent, held by the client's replica.
+    let _near = rs.agent("gw-near", &rs.r[client].url);
+    assert_eq!(rs.holder(client, "gw-near"), Some(client));
+
+    rt.block_on(async {
+        let mut far = tty(&rs.r[client], "gw-lost", "").await.unwrap();
+        far.send("echo up-$((3*3))\r").await;
+        far.output_contains("up-9").await;
+        let mut near = tty(&rs.r[client], "gw-near", "").await.unwrap();
+        near.send("echo near-$((4*4))\r").await;
+        near.output_contains("near-16").await;
+
+        // The replica holding gw-lost dies.
+        rs.r[h].stop_server(true);
+        let s = far.finish(Duration::from_secs(20)).await;
+        assert_eq!(s.reason, channel::REASON_SESSION_LOST, "{s:?}");
+        assert!(
+            s.message.contains("lost the control-plane replica"),
+            "{s:?}"
+        );
+        // The other session carries on.
+        near.send("echo still-$((5*5))\r").await;
+        near.output_contains("still-25").await;
+    });
+    // The agent is back through another replica, and reachable from both.
+    wait_until(
+        Duration::from_secs(60),
+        "gw-lost back on a live replica",
+        || rs.holder(client, "gw-lost").is_some_and(|n| n != h),
+    );
+    for via in [client, other] {
+        let out = rs.r[via].admin_run(&["session", "exec", "gw-lost", "echo back"]);
+        assert_code(&out, 0);
+        assert_eq!(stdout(&out), "back\n");
+    }
+
+    // The broker goes away: a session between replicas ends saying so.
+    let now = rs.holder(client, "gw-lost").unwrap();
+    let via = if now == client { other } else { client };
+    rt.block_on(async {
+        let mut s = tty(&rs.r[via], "gw-lost", "").await.unwrap();
+        s.send("echo before-$((2*2))\r").await;
+        s.output_contains("before-4").await;
+        rs.broker_link.cut();
+        let st = s.finish(Duration::from_secs(20)).await;
+        assert_eq!(st.reason, channel::REASON_SESSION_LOST, "{st:?}");
+        assert!(st.message.contains("message broker"), "{st:?}");
+    });
+    // …and once it is back, replicas reconnect and resubscribe.
+    rs.broker_link.restore();
+    wait_until(
+        Duration::from_secs(60),
+        "cross-replica exec after the broker returned",
+        || {
+            let out = rs.r[via].admin_run(&["session", "exec", "gw-lost", "echo again"]);
+            out.status.success() && stdout(&out) == "again\n"
+        },
+    );
+    // The audit chain survived all of it.
+    rs.r[via].admin_ok(&["audit", "verify"]);
+}
+
+#[test]
+fn replica_loss_and_broker_loss_over_nats() {
+    failures(Broker::Nats);
+}
+
+#[test]
+fn replica_loss_and_broker_loss_over_rabbitmq() {
+    failures(Broker::Amqp);
+}
