@@ -5,7 +5,8 @@
 //! runs each one tiny so CI keeps the programs working (nothing asserts a
 //! duration). `gatekey-bench [smoke] SCENARIO...` runs some of them:
 //! `exec-latency`, `console-echo`, `throughput`, `idle-agents` (alias
-//! `capacity`), `reconnect-storm`, `fan-out`. OpenSSH runs beside gatekey
+//! `capacity`), `reconnect-storm`, `fan-out`, `cluster` (replicas over NATS
+//! and RabbitMQ, bench_cluster.rs). OpenSSH runs beside gatekey
 //! inside exec-latency, console-echo and throughput (bench_ssh.rs).
 
 use std::process::{Command, Stdio};
@@ -25,6 +26,8 @@ use ssh::Sshd;
 // root stays as it is).
 #[path = "bench_capacity.rs"]
 mod capacity;
+#[path = "bench_cluster.rs"]
+mod cluster;
 #[path = "bench_fanout.rs"]
 mod fanout;
 #[path = "bench_ssh.rs"]
@@ -84,6 +87,7 @@ const SCENARIOS: &[&str] = &[
     "idle-agents",
     "reconnect-storm",
     "fan-out",
+    "cluster",
 ];
 
 /// One line of the result table.
@@ -185,6 +189,7 @@ pub fn main() -> i32 {
             "idle-agents" => capacity::idle_agents(&bins, &rt, sizes),
             "reconnect-storm" => storm::reconnect_storm(&bins, &rt, sizes),
             "fan-out" => fanout::fan_out(&bins, &rt, sizes),
+            "cluster" => cluster::cluster(&bins, &rt, sizes),
             _ => unreachable!("scenario names are checked above"),
         };
         eprintln!("== {s}: {:.1} s", t.elapsed().as_secs_f64());

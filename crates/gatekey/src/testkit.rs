@@ -678,3 +678,78 @@ impl Drop for TcpForwarder {
         self.cut();
     }
 }
+
+/// A PostgreSQL schema of its own on the machine's server
+/// (`GATEKEY_TEST_POSTGRES_URL`, default the local `test` database), made
+/// with psql; `None` when there is no server.
+pub fn postgres_schema_url(label: &str) -> Option<String> {
+    let base = std::env::var("GATEKEY_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!(
+        "gk_{label}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let ok = Command::new("psql")
+        .args([&base, "-q", "-c", &format!("CREATE SCHEMA {schema}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        return None;
+    }
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{sep}options=-csearch_path%3D{schema}"))
+}
+
+/// Starts `n` replicas `r1`…`rN` on one database and bus, with
+/// `config_yaml` as their config file, and waits until each has heard the
+/// others.
+pub fn start_replicas(
+    bins: &Bins,
+    n: usize,
+    db: &str,
+    bus: &str,
+    config_yaml: &str,
+) -> Vec<Cluster> {
+    let config = std::env::temp_dir().join(format!(
+        "gatekey-replicas-{}-{}.yaml",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&config, config_yaml).expect("replica config");
+    let config = config.display().to_string();
+    let args = |id: String| -> Vec<String> {
+        vec![
+            "--config".into(),
+            config.clone(),
+            "--database-url".into(),
+            db.into(),
+            "--bus-url".into(),
+            bus.into(),
+            "--replica-id".into(),
+            id,
+        ]
+    };
+    let strs = |v: &[String]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let first_args = strs(&args("r1".into()));
+    let first = Cluster::start_with(
+        bins,
+        &first_args.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+    );
+    let mut all = vec![first];
+    for i in 2..=n {
+        let a = strs(&args(format!("r{i}")));
+        let c = Cluster::start_replica(&all[0], &a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        all.push(c);
+    }
+    for c in &all {
+        wait_until(
+            Duration::from_secs(20),
+            "replicas to hear each other",
+            || c.log("server.log").matches("replica joined").count() >= n - 1,
+        );
+    }
+    all
+}

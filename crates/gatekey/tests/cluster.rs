@@ -7,7 +7,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use common::console_client::{open, query, tty};
@@ -39,29 +38,6 @@ impl Broker {
     }
 }
 
-/// A database schema of its own on the machine's PostgreSQL.
-fn postgres_url() -> Option<String> {
-    let base = std::env::var("GATEKEY_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let schema = format!(
-        "gk_cluster_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
-    let ok = Command::new("psql")
-        .args([&base, "-q", "-c", &format!("CREATE SCHEMA {schema}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        return None;
-    }
-    let sep = if base.contains('?') { '&' } else { '?' };
-    Some(format!("{base}{sep}options=-csearch_path%3D{schema}"))
-}
-
 /// Three replicas; the broker is reached through a link the test can cut.
 struct Replicas {
     r: Vec<Cluster>,
@@ -75,47 +51,20 @@ fn start(broker: Broker) -> Option<Replicas> {
         eprintln!("SKIP: no {broker:?} broker at {}", broker.addr());
         return None;
     }
-    let Some(db) = postgres_url() else {
+    let Some(db) = gatekey::testkit::postgres_schema_url("cluster") else {
         eprintln!("SKIP: no PostgreSQL (set GATEKEY_TEST_POSTGRES_URL)");
         return None;
     };
     let broker_link = TcpForwarder::start(vec![broker.addr()]);
     let bus = broker.url(broker_link.addr);
-    let config = std::env::temp_dir().join(format!("gatekey-cluster-{}.yaml", std::process::id()));
-    std::fs::write(&config, "replica_timeout: 4s\nrequest_timeout: 5s\n").unwrap();
-    let config = config.display().to_string();
-    let args = |id: &str| -> Vec<String> {
-        [
-            "--config",
-            &config,
-            "--database-url",
-            &db,
-            "--bus-url",
-            &bus,
-            "--replica-id",
-            id,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let a1 = args("r1");
-    let first = Cluster::start_with(&bins(), &a1.iter().map(|s| s.as_str()).collect::<Vec<_>>());
-    let mut r = vec![first];
-    for id in ["r2", "r3"] {
-        let a = args(id);
-        let c = Cluster::start_replica(&r[0], &a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
-        r.push(c);
-    }
+    let r = gatekey::testkit::start_replicas(
+        &bins(),
+        3,
+        &db,
+        &bus,
+        "replica_timeout: 4s\nrequest_timeout: 5s\n",
+    );
     let balancer = TcpForwarder::start(r.iter().map(|c| c.addr).collect());
-    // Every replica knows the other two before the test starts.
-    for c in &r {
-        wait_until(
-            Duration::from_secs(20),
-            "replicas to hear each other",
-            || c.log("server.log").matches("replica joined").count() >= 2,
-        );
-    }
     Some(Replicas {
         r,
         broker_link,
@@ -148,6 +97,30 @@ impl Replicas {
         let id = a["replica"].as_str()?;
         id.strip_prefix('r')?.parse::<usize>().ok().map(|n| n - 1)
     }
+}
+
+/// The RabbitMQ queues named after a session (None: not RabbitMQ, or no
+/// rabbitmqctl here).
+fn session_queues(broker: Broker, id: &str) -> Option<Vec<String>> {
+    if !matches!(broker, Broker::Amqp) {
+        return None;
+    }
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success());
+    let Some(out) = out else {
+        eprintln!("rabbitmqctl unavailable: the per-session queue check is skipped");
+        return None;
+    };
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(&format!("gatekey.session.{id}.")))
+            .map(|l| l.trim().to_string())
+            .collect(),
+    )
 }
 
 fn exec_across(broker: Broker) {
@@ -239,12 +212,25 @@ fn exec_across(broker: Broker) {
         let v: serde_json::Value =
             serde_json::from_str(&rs.r[0].admin_ok(&["session", "active", "-o", "json"])).unwrap();
         let id = v[0]["id"].as_str().unwrap().to_string();
+        // On RabbitMQ the session crossing replicas has its own two queues.
+        let queues = session_queues(broker, &id);
+        if let Some(q) = &queues {
+            assert_eq!(q.len(), 2, "queues of {id}: {q:?}");
+        }
         rs.r[0].admin_ok(&["session", "kill", &id]);
         let s = t.finish(Duration::from_secs(15)).await;
         assert_eq!(s.reason, channel::REASON_KILLED, "{s:?}");
         assert!(s.message.contains("killed by admin"), "{s:?}");
         let out = rs.r[2].admin_run(&["session", "kill", &id]);
         assert!(!out.status.success(), "a second kill found the session");
+        // …and they go with it.
+        if queues.is_some() {
+            wait_until(
+                Duration::from_secs(10),
+                "the session's queues deleted",
+                || session_queues(broker, &id).is_some_and(|q| q.is_empty()),
+            );
+        }
     });
 
     // Diagnostics run on the agent through another replica.
@@ -263,6 +249,22 @@ fn exec_across(broker: Broker) {
         stdout(&out),
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Concurrent writers: execs through all three replicas at once.
+    let burst: Vec<_> = (0..24)
+        .map(|i| {
+            rs.r[i % 3]
+                .admin()
+                .args(["session", "exec", "gw-far", &format!("echo burst-{i}")])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, child) in burst.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(stdout(&out), format!("burst-{i}\n"));
+    }
 
     // One audit chain, written by three replicas, valid from each.
     for c in &rs.r {

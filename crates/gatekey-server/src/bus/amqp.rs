@@ -37,7 +37,13 @@ struct Shared {
     next: AtomicU64,
     lost: watch::Sender<u64>,
     up: AtomicBool,
+    /// Open channels kept for the next subscriptions: a session's queue then
+    /// costs two round trips to the broker (declare, consume), not three.
+    idle: Mutex<Vec<Channel>>,
 }
+
+/// Most idle channels kept.
+const IDLE_CHANNELS: usize = 32;
 
 /// One broker connection and the channels every replica needs.
 #[derive(Clone)]
@@ -65,6 +71,7 @@ impl Amqp {
             next: AtomicU64::new(0),
             lost: watch::channel(0).0,
             up: AtomicBool::new(false),
+            idle: Mutex::new(Vec::new()),
         });
         let (live, errors) = Shared::open(&shared).await?;
         *shared.conn.lock().expect("conn") = Some(live);
@@ -82,9 +89,22 @@ impl Amqp {
             .ok_or_else(|| BusError::Down("reconnecting to RabbitMQ".into()))
     }
 
+    /// A channel for a new subscription: an idle one, or a new one.
+    async fn channel(&self, live: &Live) -> Result<Channel, BusError> {
+        loop {
+            let Some(c) = self.shared.idle.lock().expect("idle").pop() else {
+                break;
+            };
+            if c.status().connected() {
+                return Ok(c);
+            }
+        }
+        live.connection.create_channel().await.map_err(broker)
+    }
+
     pub async fn subscribe(&self, subject: &str) -> Result<Subscription, BusError> {
         let live = self.live()?;
-        let channel = live.connection.create_channel().await.map_err(broker)?;
+        let channel = self.channel(&live).await?;
         channel
             .queue_declare(
                 subject.into(),
@@ -97,7 +117,7 @@ impl Amqp {
             )
             .await
             .map_err(|e| BusError::Broker(format!("cannot declare queue {subject}: {e}")))?;
-        consume(channel, subject).await
+        consume(channel, subject, Some(Arc::downgrade(&self.shared))).await
     }
 
     pub async fn subscribe_broadcast(&self, subject: &str) -> Result<Subscription, BusError> {
@@ -135,7 +155,7 @@ impl Amqp {
             )
             .await
             .map_err(broker)?;
-        consume(channel, &queue).await
+        consume(channel, &queue, None).await
     }
 
     pub async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), BusError> {
@@ -255,9 +275,14 @@ impl Drop for Forget<'_> {
 }
 
 /// Consumes `queue` on its own channel (a channel error, such as another
-/// replica holding an exclusive queue, then harms nothing else). Closing
-/// the channel cancels the consumer and the broker deletes the queue.
-async fn consume(channel: Channel, queue: &str) -> Result<Subscription, BusError> {
+/// replica holding an exclusive queue, then harms nothing else). When the
+/// subscription is dropped the consumer is cancelled, so the broker deletes
+/// the queue, and the channel goes back to `pool` (or is closed).
+async fn consume(
+    channel: Channel,
+    queue: &str,
+    pool: Option<std::sync::Weak<Shared>>,
+) -> Result<Subscription, BusError> {
     let mut consumer = channel
         .basic_consume(
             queue.into(),
@@ -271,6 +296,7 @@ async fn consume(channel: Channel, queue: &str) -> Result<Subscription, BusError
         )
         .await
         .map_err(broker)?;
+    let tag = consumer.tag();
     let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
     let task = tokio::spawn(async move {
         while let Some(Ok(d)) = consumer.next().await {
@@ -295,17 +321,43 @@ async fn consume(channel: Channel, queue: &str) -> Result<Subscription, BusError
     });
     Ok(Subscription::new(
         rx,
-        CloseChannel(channel, AbortOnDrop(task)),
+        Release {
+            channel,
+            tag,
+            pool,
+            _task: AbortOnDrop(task),
+        },
     ))
 }
 
-struct CloseChannel(Channel, #[allow(dead_code)] AbortOnDrop);
+struct Release {
+    channel: Channel,
+    tag: lapin::types::ShortString,
+    pool: Option<std::sync::Weak<Shared>>,
+    _task: AbortOnDrop,
+}
 
-impl Drop for CloseChannel {
+impl Drop for Release {
     fn drop(&mut self) {
-        let channel = self.0.clone();
+        let channel = self.channel.clone();
+        let tag = self.tag.clone();
+        let pool = self.pool.take();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
+                let cancelled = channel
+                    .basic_cancel(tag, lapin::options::BasicCancelOptions::default())
+                    .await
+                    .is_ok();
+                if cancelled
+                    && channel.status().connected()
+                    && let Some(shared) = pool.and_then(|p| p.upgrade())
+                {
+                    let mut idle = shared.idle.lock().expect("idle");
+                    if idle.len() < IDLE_CHANNELS {
+                        idle.push(channel);
+                        return;
+                    }
+                }
                 let _ = channel.close(200, "unsubscribed".into()).await;
             });
         }
@@ -416,6 +468,7 @@ async fn supervise(shared: std::sync::Weak<Shared>, mut errors: mpsc::Receiver<S
         s.up.store(false, Ordering::Relaxed);
         s.conn.lock().expect("conn").take();
         s.pending.lock().expect("pending").clear();
+        s.idle.lock().expect("idle").clear();
         s.lost.send_modify(|n| *n += 1);
         drop(s);
         let mut backoff = Duration::from_millis(200);

@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use async_nats::{ConnectOptions, Event, RequestErrorKind};
 use bytes::Bytes;
-use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use super::{BusError, Msg, SUBSCRIPTION_BUFFER, Subscription};
+use super::{BusError, SUBSCRIPTION_BUFFER, Subscription};
 
 pub(super) struct Nats {
     client: async_nats::Client,
@@ -63,27 +62,12 @@ impl Nats {
     }
 
     pub async fn subscribe(&self, subject: &str) -> Result<Subscription, BusError> {
-        let mut sub = self
+        let sub = self
             .client
             .subscribe(subject.to_string())
             .await
             .map_err(|e| BusError::Broker(e.to_string()))?;
-        // Forwarded through a channel so every transport hands out the same
-        // type; the task ends (and unsubscribes) when the reader goes away.
-        let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
-        let task = tokio::spawn(async move {
-            while let Some(m) = sub.next().await {
-                let msg = Msg {
-                    subject: m.subject.to_string(),
-                    reply: m.reply.map(|r| r.to_string()),
-                    payload: m.payload,
-                };
-                if tx.send(msg).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Subscription::new(rx, AbortOnDrop(task)))
+        Ok(Subscription::nats(sub))
     }
 
     pub async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), BusError> {

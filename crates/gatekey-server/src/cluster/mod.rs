@@ -104,7 +104,12 @@ pub struct Cluster {
     /// Other replicas, by id, with when they were last heard.
     peers: Mutex<HashMap<String, Instant>>,
     router: OnceLock<axum::Router>,
+    /// Agent name or id → (node id, name), so that routing a request costs
+    /// no database query; entries live `NODE_CACHE_TTL`.
+    nodes: Mutex<HashMap<String, (String, String, Instant)>>,
 }
+
+const NODE_CACHE_TTL: Duration = Duration::from_secs(10);
 
 impl Cluster {
     pub fn new(bus: Bus, replica: String, tunnel: TunnelConfig, heartbeat: Duration) -> Cluster {
@@ -116,6 +121,7 @@ impl Cluster {
             heartbeat,
             peers: Mutex::new(HashMap::new()),
             router: OnceLock::new(),
+            nodes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -135,6 +141,27 @@ impl Cluster {
         tokio::spawn(listen_heartbeats(state.clone(), heard));
         tokio::spawn(send_heartbeats(state.clone()));
         Ok(())
+    }
+
+    pub fn cached_node(&self, reference: &str) -> Option<(String, String)> {
+        let nodes = self.nodes.lock().expect("nodes");
+        let (id, name, at) = nodes.get(reference)?;
+        (at.elapsed() < NODE_CACHE_TTL).then(|| (id.clone(), name.clone()))
+    }
+
+    pub fn cache_node(&self, reference: &str, id: &str, name: &str) {
+        let mut nodes = self.nodes.lock().expect("nodes");
+        if nodes.len() > 100_000 {
+            nodes.retain(|_, (_, _, at)| at.elapsed() < NODE_CACHE_TTL);
+        }
+        nodes.insert(
+            reference.to_string(),
+            (id.to_string(), name.to_string(), Instant::now()),
+        );
+    }
+
+    pub fn forget_nodes(&self) {
+        self.nodes.lock().expect("nodes").clear();
     }
 
     /// Replicas heard from recently, except this one.

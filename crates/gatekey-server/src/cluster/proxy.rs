@@ -49,8 +49,12 @@ pub async fn route(State(state): State<AppState>, req: Request, next: Next) -> R
     };
     let t = match tunnel::open(&cluster.bus, &subject, open, cluster.tunnel).await {
         Ok(t) => t,
-        // It left since we looked: the handler here says it is not connected.
-        Err(OpenError::Bus(BusError::NoResponders(_))) => return next.run(req).await,
+        // It left since we looked (or the name now means another node):
+        // the handler here looks again and answers.
+        Err(OpenError::Bus(BusError::NoResponders(_))) => {
+            cluster.forget_nodes();
+            return next.run(req).await;
+        }
         Err(e) => {
             return ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -104,11 +108,18 @@ async fn destination(
     if gatekey_proto::names::validate("agent", &reference).is_err() {
         return None;
     }
-    let node = state.store.find_node(&reference).await.ok()??;
-    if state.registry.get(&node.id).is_some() {
+    let (id, name) = match cluster.cached_node(&reference) {
+        Some(hit) => hit,
+        None => {
+            let node = state.store.find_node(&reference).await.ok()??;
+            cluster.cache_node(&reference, &node.id, &node.name);
+            (node.id, node.name)
+        }
+    };
+    if state.registry.get(&id).is_some() {
         return None;
     }
-    Some((agent_subject(&node.id), format!("agent {}", node.name)))
+    Some((agent_subject(&id), format!("agent {name}")))
 }
 
 /// Sends the request through the tunnel and hands back the far replica's

@@ -1,0 +1,159 @@
+//! Cross-replica cost: two replicas on PostgreSQL joined by NATS, then by
+//! RabbitMQ, with the agent on r2. The same exec latency and throughput are
+//! measured with the client on r2 (same replica) and on r1 (carried over
+//! the broker), and the difference printed. Skipped (with a message) for a
+//! broker or database that is not running.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gatekey_admin::api::ExecRequest;
+
+use super::{Row, Sizes, client, latency_rows, median, ms};
+use crate::testkit::{Bins, Cluster, postgres_schema_url, start_replicas};
+
+const BROKERS: &[(&str, &str, &str)] = &[
+    ("nats", "127.0.0.1:4222", "nats://127.0.0.1:4222"),
+    (
+        "rabbitmq",
+        "127.0.0.1:5672",
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+    ),
+];
+
+pub(crate) fn cluster(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for &(name, addr, url) in BROKERS {
+        let reachable = addr.parse().ok().is_some_and(|a| {
+            std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok()
+        });
+        if !reachable {
+            eprintln!("cluster: {name} skipped: nothing listens on {addr}");
+            continue;
+        }
+        let Some(db) = postgres_schema_url("bench") else {
+            eprintln!("cluster: skipped: no PostgreSQL (GATEKEY_TEST_POSTGRES_URL)");
+            return rows;
+        };
+        let replicas = start_replicas(bins, 2, &db, url, "replica_timeout: 15s\n");
+        let (near, far) = (&replicas[1], &replicas[0]);
+        let node = far.create_node("mesh hub", "hub-1");
+        let cfg = near.agent_config("hub-1", &node.token, true, "");
+        let agent = near.spawn_agent(&cfg);
+        near.wait_for_agent("hub-1", true, &agent);
+        let scenario: &'static str = if name == "nats" {
+            "cluster-nats"
+        } else {
+            "cluster-rabbitmq"
+        };
+        let same = exec_latency(near, rt, sizes.latency_runs);
+        let across = exec_latency(far, rt, sizes.latency_runs);
+        let (same_p50, across_p50) = (median(&same), median(&across));
+        rows.extend(latency_rows(
+            scenario,
+            "one-shot exec, same replica",
+            same,
+            "",
+        ));
+        rows.extend(latency_rows(
+            scenario,
+            "one-shot exec, across replicas",
+            across,
+            "",
+        ));
+        rows.push(Row::new(
+            scenario,
+            "added by crossing replicas, p50",
+            ms(across_p50.saturating_sub(same_p50)),
+            "<= 1 ms",
+        ));
+        let n = sizes.throughput_bytes / 4;
+        let (same_down, same_up) = throughput(near, n);
+        let (far_down, far_up) = throughput(far, n);
+        let mb = |d: Duration| n as f64 / d.as_secs_f64() / 1e6;
+        for (what, same, across) in [("stdout", same_down, far_down), ("stdin", same_up, far_up)] {
+            rows.push(Row::new(
+                scenario,
+                format!("{what} {} MiB, same replica", n >> 20),
+                format!("{:.0} MB/s", mb(same)),
+                "",
+            ));
+            rows.push(Row::new(
+                scenario,
+                format!("{what} {} MiB, across replicas", n >> 20),
+                format!("{:.0} MB/s", mb(across)),
+                "",
+            ));
+            rows.push(Row::new(
+                scenario,
+                format!("{what} across / same"),
+                format!("{:.0}%", 100.0 * mb(across) / mb(same)),
+                ">= 50%",
+            ));
+        }
+        drop(agent);
+    }
+    rows
+}
+
+fn exec_latency(c: &Cluster, rt: &tokio::runtime::Runtime, runs: usize) -> Vec<Duration> {
+    let client = client(c);
+    rt.block_on(async {
+        let req = || ExecRequest {
+            command: "true".into(),
+            timeout_seconds: None,
+            stdin: None,
+        };
+        for _ in 0..20 {
+            client
+                .exec_oneshot("hub-1", req())
+                .await
+                .expect("warm-up exec");
+        }
+        let mut v = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let t = Instant::now();
+            let r = client.exec_oneshot("hub-1", req()).await.expect("exec");
+            v.push(t.elapsed());
+            assert_eq!(r.exit_code, Some(0));
+        }
+        v
+    })
+}
+
+/// `n` bytes of stdout, then of stdin, through `gatekey-admin session exec`.
+fn throughput(c: &Cluster, n: u64) -> (Duration, Duration) {
+    let devnull = || std::fs::File::create("/dev/null").expect("/dev/null");
+    let t = Instant::now();
+    let st = c
+        .admin()
+        .args([
+            "session",
+            "exec",
+            "hub-1",
+            &format!("head -c {n} /dev/zero"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(devnull())
+        .status()
+        .expect("cli");
+    let down = t.elapsed();
+    assert!(st.success());
+    let mut head = Command::new("head")
+        .args(["-c", &n.to_string(), "/dev/zero"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("head");
+    let t = Instant::now();
+    let st = c
+        .admin()
+        .args(["session", "exec", "hub-1", "cat > /dev/null"])
+        .stdin(head.stdout.take().expect("head stdout"))
+        .stdout(devnull())
+        .status()
+        .expect("cli");
+    let up = t.elapsed();
+    let _ = head.wait();
+    assert!(st.success());
+    (down, up)
+}
