@@ -106,13 +106,10 @@ impl Subscription {
         }
     }
 
-    /// Whether nothing is waiting to be read (a guess for NATS, whose
-    /// queue is not visible: there, credit is never held back).
-    pub fn is_empty(&self) -> bool {
-        match &self.source {
-            Source::Channel(rx) => rx.is_empty(),
-            Source::Nats(_) => true,
-        }
+    /// A message already waiting, without waiting for one.
+    pub fn try_next(&mut self) -> Option<Msg> {
+        use futures_util::FutureExt;
+        self.next().now_or_never().flatten()
     }
 }
 

@@ -116,7 +116,9 @@ impl Cluster {
         Cluster {
             bus,
             replica,
-            ask_timeout: tunnel.open_timeout,
+            // A replica that is gone is "no responders" at once; only a
+            // hung one makes a list wait, and not for long.
+            ask_timeout: tunnel.open_timeout.min(Duration::from_secs(2)),
             tunnel,
             heartbeat,
             peers: Mutex::new(HashMap::new()),

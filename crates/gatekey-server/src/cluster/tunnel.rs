@@ -30,7 +30,7 @@ const RESET: u8 = 3;
 const PING: u8 = 4;
 
 /// Largest data message.
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 256 * 1024;
 
 /// Tunnel settings.
 #[derive(Clone, Copy, Debug)]
@@ -179,7 +179,7 @@ async fn send_pump(
     credit: Arc<Credit>,
     sent: watch::Sender<bool>,
 ) {
-    let mut buf = vec![0u8; CHUNK + 1];
+    let mut buf = BytesMut::new();
     loop {
         let mut available = credit.bytes.load(Ordering::Acquire);
         while available <= 0 {
@@ -192,8 +192,11 @@ async fn send_pump(
             available = credit.bytes.load(Ordering::Acquire);
         }
         let max = (available as usize).min(CHUNK);
-        buf[0] = DATA;
-        let n = match rd.read(&mut buf[1..=max]).await {
+        // Each message is its own allocation, handed to the broker client
+        // without another copy.
+        buf.reserve(max + 1);
+        buf.put_u8(DATA);
+        let n = match (&mut rd).take(max as u64).read_buf(&mut buf).await {
             Ok(0) | Err(_) => {
                 let _ = bus.publish(&peer, frame(EOF, &[])).await;
                 sent.send_replace(true);
@@ -202,11 +205,7 @@ async fn send_pump(
             Ok(n) => n,
         };
         credit.bytes.fetch_sub(n as i64, Ordering::AcqRel);
-        if bus
-            .publish(&peer, Bytes::copy_from_slice(&buf[..=n]))
-            .await
-            .is_err()
-        {
+        if bus.publish(&peer, buf.split().freeze()).await.is_err() {
             // The broker connection is down; the receiver reports it.
             sent.send_replace(true);
             return;
@@ -233,11 +232,16 @@ async fn receive_pump(
     let mut owed: u32 = 0;
     let mut reader_gone = false;
     let mut their_eof = false;
+    // A message read ahead while deciding whether to grant credit now.
+    let mut ahead: Option<Msg> = None;
     loop {
         if their_eof && *sent.borrow() {
             return None;
         }
-        let msg = tokio::select! {
+        let msg = if let Some(m) = ahead.take() {
+            m
+        } else {
+            tokio::select! {
             _ = sent.changed(), if their_eof => continue,
             m = inbox.next() => match m {
                 Some(m) => m,
@@ -254,6 +258,7 @@ async fn receive_pump(
                 let _ = bus.publish(peer, frame(PING, &[])).await;
                 continue;
             }
+            }
         };
         heard = tokio::time::Instant::now();
         let Some((&tag, body)) = msg.payload.split_first() else {
@@ -269,7 +274,13 @@ async fn receive_pump(
                         .await;
                 }
                 owed += body.len() as u32;
-                if owed >= config.window / 4 || inbox_is_quiet(&inbox) {
+                // Credit goes back in quarter windows while data keeps
+                // coming, and at once when nothing else is waiting, so a
+                // small exchange never waits for a quarter window to fill.
+                if owed < config.window / 4 {
+                    ahead = inbox.try_next();
+                }
+                if owed >= config.window / 4 || ahead.is_none() {
                     let _ = bus.publish(peer, frame(CREDIT, &owed.to_be_bytes())).await;
                     owed = 0;
                 }
@@ -297,12 +308,6 @@ async fn receive_pump(
             _ => {}
         }
     }
-}
-
-/// Credit goes back at once when nothing else is queued, so a small
-/// exchange never waits for a quarter window to fill.
-fn inbox_is_quiet(inbox: &Subscription) -> bool {
-    inbox.is_empty()
 }
 
 #[cfg(test)]
