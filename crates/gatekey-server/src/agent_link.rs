@@ -267,7 +267,7 @@ async fn serve(state: AppState, node: Node, addr: SocketAddr, mut ws: ServerWs) 
         return;
     }
     // Other replicas reach this agent through us while its link lives.
-    let _listener = crate::cluster::listen_agent(&state, conn.clone()).await;
+    let listener = crate::cluster::listen_agent(&state, conn.clone()).await;
     let seen = AgentSeen {
         addr: &addr.to_string(),
         version: &hello.agent_version,
@@ -294,6 +294,8 @@ async fn serve(state: AppState, node: Node, addr: SocketAddr, mut ws: ServerWs) 
         .await;
 
     let reason = mux.closed().await;
+    // Stop answering for it at once: it may already be connecting elsewhere.
+    drop(listener);
     state.registry.remove_conn(&node.id, conn.conn_id);
     if let Err(e) = state.store.node_last_seen(&node.id).await {
         tracing::warn!(agent = %node.name, error = %e, "cannot record when the agent was last seen");

@@ -74,7 +74,7 @@ pub fn main() -> i32 {
             config.database_url = args.database_url.clone();
         }
         if args.bus_url.is_some() {
-            config.bus_url = args.bus_url.clone();
+            config.bus_url = args.bus_url.clone().filter(|u| !u.is_empty());
         }
         if args.replica_id.is_some() {
             config.replica_id = args.replica_id.clone();

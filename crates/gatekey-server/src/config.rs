@@ -371,7 +371,8 @@ impl Config {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err("tls_cert and tls_key must be set together".into());
         }
-        if self.bus_url.is_some() {
+        if let Some(bus) = &self.bus_url {
+            crate::bus::check_url(bus).map_err(|e| e.to_string())?;
             let url = self.database_url();
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return Err(

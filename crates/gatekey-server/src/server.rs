@@ -59,6 +59,11 @@ impl Server {
                     .replica_id
                     .clone()
                     .unwrap_or_else(|| format!("r_{}", secret::random_hex(6)));
+                if config.tls_cert.is_none() {
+                    tracing::warn!(
+                        "bus_url is set but tls_cert is not: this replica makes its own self-signed certificate, which agents and clients of the other replicas will not trust (see docs/scaling.md)"
+                    );
+                }
                 let bus = crate::bus::Bus::connect(url, &replica).await?;
                 tracing::info!(%replica, bus = bus.kind(), "joining the replicas on the bus");
                 let tunnel = crate::cluster::tunnel::TunnelConfig {

@@ -23,7 +23,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::nats::AbortOnDrop;
-use super::{BusError, Msg, SUBSCRIPTION_BUFFER, Subscription};
+use super::{BusError, Msg, SUBSCRIPTION_BUFFER, Subscription, redact};
 
 pub(super) struct Amqp {
     shared: Arc<Shared>,
@@ -229,6 +229,11 @@ impl Amqp {
             .map_err(|e| BusError::Down(e.to_string()))?
             .await
             .map_err(|e| BusError::Down(e.to_string()))?;
+        if confirm.is_nack() {
+            return Err(BusError::Down(format!(
+                "RabbitMQ refused a message to {subject}"
+            )));
+        }
         if confirm.take_message().is_some() {
             return Err(BusError::NoResponders(subject.to_string()));
         }
@@ -387,12 +392,20 @@ impl Shared {
         })?;
         let (err_tx, err_rx) = mpsc::channel(4);
         let mut events = connection.events_listener();
+        let status = connection.status().clone();
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
-                if let lapin::Event::Error(e) = event {
+                // A channel error (another replica holding an exclusive
+                // queue) is reported here too; only a dead connection counts.
+                if let lapin::Event::Error(e) = event
+                    && !status.connected()
+                {
                     let _ = err_tx.send(e.to_string()).await;
                     break;
                 }
+            }
+            if !status.connected() {
+                let _ = err_tx.send("connection closed".into()).await;
             }
         });
         let publish = connection.create_channel().await.map_err(broker)?;
@@ -466,7 +479,12 @@ async fn supervise(shared: std::sync::Weak<Shared>, mut errors: mpsc::Receiver<S
         let Some(s) = shared.upgrade() else { return };
         tracing::warn!(error = %why, "RabbitMQ connection lost; reconnecting");
         s.up.store(false, Ordering::Relaxed);
-        s.conn.lock().expect("conn").take();
+        if let Some(old) = s.conn.lock().expect("conn").take() {
+            // Close it for good, so it holds no exclusive queue.
+            tokio::spawn(async move {
+                let _ = old.connection.close(320, "reconnecting".into()).await;
+            });
+        }
         s.pending.lock().expect("pending").clear();
         s.idle.lock().expect("idle").clear();
         s.lost.send_modify(|n| *n += 1);
@@ -489,13 +507,5 @@ async fn supervise(shared: std::sync::Weak<Shared>, mut errors: mpsc::Receiver<S
                 }
             }
         }
-    }
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
     }
 }

@@ -24,6 +24,30 @@ use tokio::sync::{mpsc, watch};
 
 pub use memory::MemoryBroker;
 
+/// Checks a bus URL's scheme (at configuration time, before anything starts).
+pub fn check_url(url: &str) -> Result<(), BusError> {
+    if url.starts_with("nats://") || url.starts_with("tls://") || url.starts_with("amqp://") {
+        Ok(())
+    } else if url.starts_with("amqps://") {
+        Err(BusError::Url(
+            "amqps:// is not supported: reach RabbitMQ over a private network, or through a local TLS tunnel, with amqp://".into(),
+        ))
+    } else {
+        Err(BusError::Url(format!(
+            "{}: use nats://HOST:4222, tls://HOST:4222 or amqp://USER:PASS@HOST:5672/%2f",
+            redact(url)
+        )))
+    }
+}
+
+/// A URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
 /// One message received on a subscription.
 #[derive(Debug, Clone)]
 pub struct Msg {
@@ -118,22 +142,17 @@ impl Subscription {
 /// limit that matters; it only bounds a misbehaving peer.
 const SUBSCRIPTION_BUFFER: usize = 1024;
 
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Bus {
     /// Connects to `nats://…` or `amqp://…`. `replica` names this replica's
     /// own queues.
     pub async fn connect(url: &str, replica: &str) -> Result<Bus, BusError> {
+        check_url(url)?;
         let inner = if url.starts_with("nats://") || url.starts_with("tls://") {
             Inner::Nats(nats::Nats::connect(url).await?)
-        } else if url.starts_with("amqp://") {
-            Inner::Amqp(amqp::Amqp::connect(url, replica).await?)
-        } else if url.starts_with("amqps://") {
-            return Err(BusError::Url(
-                "amqps:// is not supported: reach RabbitMQ over a private network, or through a local TLS tunnel, with amqp://".into(),
-            ));
         } else {
-            return Err(BusError::Url(format!(
-                "{url:?}: use nats://HOST:4222 or amqp://USER:PASS@HOST:5672/%2f"
-            )));
+            Inner::Amqp(amqp::Amqp::connect(url, replica).await?)
         };
         Ok(Bus {
             inner: Arc::new(inner),
@@ -160,11 +179,21 @@ impl Bus {
     /// session's, its own). On RabbitMQ this is an exclusive, auto-deleted
     /// queue named after the subject.
     pub async fn subscribe(&self, subject: &str) -> Result<Subscription, BusError> {
-        match &*self.inner {
-            Inner::Memory(m) => Ok(m.subscribe(subject)),
-            Inner::Nats(n) => n.subscribe(subject).await,
-            Inner::Amqp(a) => a.subscribe(subject).await,
-        }
+        let work = async {
+            match &*self.inner {
+                Inner::Memory(m) => Ok(m.subscribe(subject)),
+                Inner::Nats(n) => n.subscribe(subject).await,
+                Inner::Amqp(a) => a.subscribe(subject).await,
+            }
+        };
+        // A broker that is up but stuck must not hold a request or an
+        // agent's registration for long.
+        tokio::time::timeout(SUBSCRIBE_TIMEOUT, work)
+            .await
+            .map_err(|_| BusError::Timeout {
+                subject: subject.to_string(),
+                timeout: SUBSCRIBE_TIMEOUT,
+            })?
     }
 
     /// Subscribes to a subject every replica hears (a broadcast).

@@ -40,7 +40,10 @@ impl Nats {
                             up.store(true, Ordering::Relaxed);
                         }
                         Event::SlowConsumer(_) => {
+                            // A dropped message may be a tunnel's: end what was in flight
+                            // rather than carry on with a gap.
                             tracing::warn!("NATS dropped messages for a slow subscription");
+                            lost.send_modify(|n| *n += 1);
                         }
                         other => tracing::debug!(event = %other, "NATS event"),
                     }
@@ -57,7 +60,12 @@ impl Nats {
             .event_callback(events)
             .connect(url)
             .await
-            .map_err(|e| BusError::Down(format!("cannot connect to NATS at {url}: {e}")))?;
+            .map_err(|e| {
+                BusError::Down(format!(
+                    "cannot connect to NATS at {}: {e}",
+                    super::redact(url)
+                ))
+            })?;
         Ok(Nats { client, lost, up })
     }
 

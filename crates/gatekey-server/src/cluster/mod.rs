@@ -107,7 +107,13 @@ pub struct Cluster {
     /// Agent name or id → (node id, name), so that routing a request costs
     /// no database query; entries live `NODE_CACHE_TTL`.
     nodes: Mutex<HashMap<String, (String, String, Instant)>>,
+    /// Credentials seen valid recently (SHA-256 of the credential → when).
+    callers: Mutex<HashMap<[u8; 32], Instant>>,
 }
+
+/// How long a credential checked here is not checked again before a
+/// request is carried (the serving replica always checks it).
+const CALLER_CACHE_TTL: Duration = Duration::from_secs(5);
 
 const NODE_CACHE_TTL: Duration = Duration::from_secs(10);
 
@@ -124,6 +130,7 @@ impl Cluster {
             peers: Mutex::new(HashMap::new()),
             router: OnceLock::new(),
             nodes: Mutex::new(HashMap::new()),
+            callers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -134,15 +141,21 @@ impl Cluster {
             return Ok(());
         };
         let _ = cluster.router.set(router);
+        // Listening is retried by the listeners themselves; the first
+        // failure is reported to the caller for the log.
         let own = cluster
             .bus
             .subscribe(&replica_subject(&cluster.replica))
-            .await?;
-        let heard = cluster.bus.subscribe_broadcast(REPLICAS).await?;
-        tokio::spawn(listen_replica(state.clone(), own));
-        tokio::spawn(listen_heartbeats(state.clone(), heard));
+            .await;
+        let heard = cluster.bus.subscribe_broadcast(REPLICAS).await;
+        let failed = own.as_ref().err().or(heard.as_ref().err()).cloned();
+        tokio::spawn(listen_replica(state.clone(), own.ok()));
+        tokio::spawn(listen_heartbeats(state.clone(), heard.ok()));
         tokio::spawn(send_heartbeats(state.clone()));
-        Ok(())
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     pub fn cached_node(&self, reference: &str) -> Option<(String, String)> {
@@ -162,8 +175,25 @@ impl Cluster {
         );
     }
 
-    pub fn forget_nodes(&self) {
-        self.nodes.lock().expect("nodes").clear();
+    pub fn caller_recently_valid(&self, credential: &str) -> bool {
+        let key = digest(credential);
+        self.callers
+            .lock()
+            .expect("callers")
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < CALLER_CACHE_TTL)
+    }
+
+    pub fn remember_caller(&self, credential: String) {
+        let mut callers = self.callers.lock().expect("callers");
+        if callers.len() > 10_000 {
+            callers.retain(|_, at| at.elapsed() < CALLER_CACHE_TTL);
+        }
+        callers.insert(digest(&credential), Instant::now());
+    }
+
+    pub fn forget_node(&self, reference: &str) {
+        self.nodes.lock().expect("nodes").remove(reference);
     }
 
     /// Replicas heard from recently, except this one.
@@ -254,6 +284,11 @@ impl Cluster {
     }
 }
 
+fn digest(credential: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, credential.as_bytes());
+    d.as_ref().try_into().expect("32 bytes")
+}
+
 /// Answers to `ask_agent`.
 pub mod agent_op {
     /// "Is your link alive?": answers `alive` or `dead` (after closing it).
@@ -308,7 +343,18 @@ pub async fn listen_agent(state: &AppState, conn: Arc<AgentConn>) -> Option<Agen
 
 async fn on_agent_message(state: &AppState, cluster: &Cluster, conn: &AgentConn, msg: Msg) {
     match msg.payload.first() {
-        Some(b'T') => serve_tunnel(state, cluster, &msg).await,
+        Some(b'T') => {
+            // Only while this replica still holds the link.
+            let held = state
+                .registry
+                .get(&conn.node_id)
+                .is_some_and(|c| c.conn_id == conn.conn_id);
+            if held {
+                serve_tunnel(state, cluster, &msg).await;
+            } else {
+                tunnel::refuse(&cluster.bus, &msg, "the agent has just left this replica").await;
+            }
+        }
         Some(&agent_op::PROBE) => {
             let alive = conn.mux.probe(state.config.liveness_probe_timeout).await;
             if !alive {
@@ -376,12 +422,12 @@ async fn serve_tunnel(state: &AppState, cluster: &Cluster, msg: &Msg) {
     }
 }
 
-async fn listen_replica(state: AppState, first: Subscription) {
+async fn listen_replica(state: AppState, first: Option<Subscription>) {
     let Some(cluster) = state.cluster.clone() else {
         return;
     };
     let subject = replica_subject(&cluster.replica);
-    let mut sub = Some(first);
+    let mut sub = first;
     loop {
         let Some(s) = sub.as_mut() else {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -465,11 +511,11 @@ async fn send_heartbeats(state: AppState) {
     }
 }
 
-async fn listen_heartbeats(state: AppState, first: Subscription) {
+async fn listen_heartbeats(state: AppState, first: Option<Subscription>) {
     let Some(cluster) = state.cluster.clone() else {
         return;
     };
-    let mut sub = Some(first);
+    let mut sub = first;
     loop {
         let Some(s) = sub.as_mut() else {
             tokio::time::sleep(Duration::from_secs(1)).await;

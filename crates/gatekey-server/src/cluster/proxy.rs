@@ -37,10 +37,21 @@ pub async fn route(State(state): State<AppState>, req: Request, next: Next) -> R
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
-    let Some((subject, label)) = destination(&state, &cluster, &method, &path, &query).await else {
+    if !routable(&method, &path) {
+        return next.run(req).await;
+    }
+    // Only a caller who could be served anywhere is carried: nobody without
+    // a valid key makes this replica look things up or open tunnels.
+    let headers = req.headers().clone();
+    let addr = req.extensions().get::<RemoteAddr>().map(|a| a.0);
+    if let Err(e) = known_caller(&state, &cluster, &headers, addr).await {
+        return e.into_response();
+    }
+    let Some((subject, label, reference)) =
+        destination(&state, &cluster, &method, &path, &query).await
+    else {
         return next.run(req).await;
     };
-    let addr = req.extensions().get::<RemoteAddr>().map(|a| a.0);
     let open = OpenRequest {
         id: crate::live::new_session_id(),
         client_addr: addr,
@@ -52,7 +63,9 @@ pub async fn route(State(state): State<AppState>, req: Request, next: Next) -> R
         // It left since we looked (or the name now means another node):
         // the handler here looks again and answers.
         Err(OpenError::Bus(BusError::NoResponders(_))) => {
-            cluster.forget_nodes();
+            if let Some(r) = &reference {
+                cluster.forget_node(r);
+            }
             return next.run(req).await;
         }
         Err(e) => {
@@ -64,15 +77,57 @@ pub async fn route(State(state): State<AppState>, req: Request, next: Next) -> R
             .into_response();
         }
     };
+    let ended = t.ended.clone();
     match forward(req, t, label.clone()).await {
         Ok(r) => r,
-        Err(e) => ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "replica_unavailable",
-            format!("the control-plane replica holding {label} failed to answer: {e}"),
-        )
-        .into_response(),
+        Err(e) => {
+            let why = ended.borrow().clone().unwrap_or_else(|| e.to_string());
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "replica_unavailable",
+                format!("the control-plane replica holding {label} failed to answer: {why}"),
+            )
+            .into_response()
+        }
     }
+}
+
+/// Paths that may have to be served by another replica.
+fn routable(method: &Method, path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    matches!(
+        (method.as_str(), segments.as_slice()),
+        ("GET", ["api", "v1", "agents", _])
+            | ("POST", ["api", "v1", "agents", _, "exec"])
+            | ("GET", ["ws", "v1", "agents", _, "exec" | "console"])
+            | ("GET", ["ws", "v1", "devices", _, "console"])
+            | ("POST", ["api", "v1", "troubleshoot"])
+            | ("DELETE", ["api", "v1", "sessions", _])
+    )
+}
+
+/// Authenticates the caller here (the serving replica checks again, with
+/// roles and scopes); a key seen valid in the last few seconds is not
+/// looked up again.
+async fn known_caller(
+    state: &AppState,
+    cluster: &Cluster,
+    headers: &axum::http::HeaderMap,
+    addr: Option<std::net::SocketAddr>,
+) -> Result<(), ApiError> {
+    let credential = crate::auth::bearer(headers)
+        .map(str::to_string)
+        .or_else(|| crate::auth::session_cookie(headers).map(str::to_string));
+    if let Some(c) = &credential
+        && cluster.caller_recently_valid(c)
+    {
+        return Ok(());
+    }
+    crate::auth::authenticate(state, headers, addr).await?;
+    if let Some(c) = credential {
+        cluster.remember_caller(c);
+    }
+    Ok(())
 }
 
 /// Where a request must be served, when not here: a subject and a label for
@@ -83,7 +138,7 @@ async fn destination(
     method: &Method,
     path: &str,
     query: &str,
-) -> Option<(String, String)> {
+) -> Option<(String, String, Option<String>)> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let reference: String = match segments.as_slice() {
         ["api", "v1", "agents", r] if method == Method::GET => (*r).to_string(),
@@ -101,7 +156,7 @@ async fn destination(
                 return None;
             }
             let holder = cluster.session_holder(id).await?;
-            return Some((replica_subject(&holder), format!("session {id}")));
+            return Some((replica_subject(&holder), format!("session {id}"), None));
         }
         _ => return None,
     };
@@ -119,7 +174,7 @@ async fn destination(
     if state.registry.get(&id).is_some() {
         return None;
     }
-    Some((agent_subject(&id), format!("agent {name}")))
+    Some((agent_subject(&id), format!("agent {name}"), Some(reference)))
 }
 
 /// Sends the request through the tunnel and hands back the far replica's
@@ -231,6 +286,11 @@ fn ws_frame(opcode: u8, payload: &[u8]) -> Bytes {
 struct FrameTracker {
     header: Vec<u8>,
     remaining: u64,
+    /// Inside a fragmented message (a data frame without FIN, until the
+    /// continuation that has it).
+    fragmented: bool,
+    /// A close frame went by: nothing may follow it.
+    closed: bool,
 }
 
 impl FrameTracker {
@@ -245,6 +305,13 @@ impl FrameTracker {
             self.header.push(bytes[0]);
             bytes = &bytes[1..];
             if let Some(len) = self.payload_len() {
+                let fin = self.header[0] & 0x80 != 0;
+                match self.header[0] & 0x0f {
+                    0x1 | 0x2 => self.fragmented = !fin,
+                    0x0 if fin => self.fragmented = false,
+                    0x8 => self.closed = true,
+                    _ => {}
+                }
                 self.header.clear();
                 self.remaining = len;
             }
@@ -274,8 +341,9 @@ impl FrameTracker {
         })
     }
 
+    /// Whether a new message may be added here.
     fn at_boundary(&self) -> bool {
-        self.header.is_empty() && self.remaining == 0
+        self.header.is_empty() && self.remaining == 0 && !self.fragmented && !self.closed
     }
 }
 
@@ -298,5 +366,19 @@ mod tests {
             t.feed(&ws_frame(0x2, b"abc")[..3]);
             assert!(!t.at_boundary());
         }
+    }
+
+    #[test]
+    fn nothing_is_added_inside_a_fragmented_message_or_after_a_close() {
+        let mut t = FrameTracker::default();
+        // A binary frame without FIN, then its final continuation.
+        let mut first = ws_frame(0x2, b"part").to_vec();
+        first[0] &= 0x7f;
+        t.feed(&first);
+        assert!(!t.at_boundary());
+        t.feed(&ws_frame(0x0, b"rest"));
+        assert!(t.at_boundary());
+        t.feed(&ws_frame(0x8, &1000u16.to_be_bytes()));
+        assert!(!t.at_boundary());
     }
 }

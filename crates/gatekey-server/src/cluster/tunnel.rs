@@ -133,18 +133,25 @@ fn frame(tag: u8, body: &[u8]) -> Bytes {
     b.freeze()
 }
 
-/// Credit the far side has granted us, shared by the two pumps.
+/// Credit the far side has granted us, shared by the two pumps: bytes, and
+/// messages (so that many small messages can never overflow a subscription's
+/// buffer, which a broker would answer by dropping some).
 struct Credit {
     bytes: AtomicI64,
+    msgs: AtomicI64,
     more: Notify,
 }
+
+/// Messages in flight per direction.
+const MAX_MSGS: u32 = 256;
 
 fn start(bus: Bus, inbox: Subscription, peer: String, config: TunnelConfig) -> Tunnel {
     let (user, inner) = tokio::io::duplex(CHUNK);
     let (ended_tx, ended) = watch::channel(None);
-    let (rd, wr) = tokio::io::split(inner);
+    let (rd, mut wr) = tokio::io::split(inner);
     let credit = Arc::new(Credit {
         bytes: AtomicI64::new(config.window as i64),
+        msgs: AtomicI64::new(MAX_MSGS as i64),
         more: Notify::new(),
     });
     let (sent_tx, sent_rx) = watch::channel(false);
@@ -155,14 +162,30 @@ fn start(bus: Bus, inbox: Subscription, peer: String, config: TunnelConfig) -> T
         credit.clone(),
         sent_tx,
     ));
+    // Pings on their own clock, so a receiver busy writing to a slow local
+    // reader still tells the far side it is alive.
+    let pinger = {
+        let bus = bus.clone();
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(config.silence / 3);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let _ = bus.publish(&peer, frame(PING, &[])).await;
+            }
+        })
+    };
     tokio::spawn(async move {
-        let why = receive_pump(&bus, inbox, wr, &peer, &credit, config, sent_rx).await;
-        // The reason is out before our user can see the stream end (the
-        // send pump still holds the other half until it is aborted).
+        let why = receive_pump(&bus, inbox, &mut wr, &peer, &credit, config, sent_rx).await;
+        pinger.abort();
+        // The reason is out before our user can see the stream end: both
+        // halves of our side are still held here.
         if let Some(why) = &why {
             ended_tx.send_replace(Some(why.clone()));
         }
         outbound.abort();
+        drop(wr);
         if let Some(why) = why {
             let _ = bus.publish(&peer, frame(RESET, why.as_bytes())).await;
         }
@@ -180,17 +203,17 @@ async fn send_pump(
     sent: watch::Sender<bool>,
 ) {
     let mut buf = BytesMut::new();
+    let has_credit =
+        |c: &Credit| c.bytes.load(Ordering::Acquire) > 0 && c.msgs.load(Ordering::Acquire) > 0;
     loop {
-        let mut available = credit.bytes.load(Ordering::Acquire);
-        while available <= 0 {
+        while !has_credit(&credit) {
             let wait = credit.more.notified();
-            available = credit.bytes.load(Ordering::Acquire);
-            if available > 0 {
+            if has_credit(&credit) {
                 break;
             }
             wait.await;
-            available = credit.bytes.load(Ordering::Acquire);
         }
+        let available = credit.bytes.load(Ordering::Acquire);
         let max = (available as usize).min(CHUNK);
         // Each message is its own allocation, handed to the broker client
         // without another copy.
@@ -205,6 +228,7 @@ async fn send_pump(
             Ok(n) => n,
         };
         credit.bytes.fetch_sub(n as i64, Ordering::AcqRel);
+        credit.msgs.fetch_sub(1, Ordering::AcqRel);
         if bus.publish(&peer, buf.split().freeze()).await.is_err() {
             // The broker connection is down; the receiver reports it.
             sent.send_replace(true);
@@ -213,12 +237,19 @@ async fn send_pump(
     }
 }
 
-/// Theirs → ours. Returns why the tunnel broke, or None when the far side
+fn credit_frame(bytes: u32, msgs: u32) -> Bytes {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&bytes.to_be_bytes());
+    b[4..].copy_from_slice(&msgs.to_be_bytes());
+    frame(CREDIT, &b)
+}
+
+/// Theirs → ours. Returns why the tunnel broke, or None when both sides
 /// finished sending.
 async fn receive_pump(
     bus: &Bus,
     mut inbox: Subscription,
-    mut wr: tokio::io::WriteHalf<DuplexStream>,
+    wr: &mut tokio::io::WriteHalf<DuplexStream>,
     peer: &str,
     credit: &Credit,
     config: TunnelConfig,
@@ -226,14 +257,16 @@ async fn receive_pump(
 ) -> Option<String> {
     let mut lost = bus.lost();
     lost.borrow_and_update();
-    let mut ping = tokio::time::interval(config.silence / 3);
-    ping.tick().await;
+    let mut check = tokio::time::interval(config.silence / 3);
+    check.tick().await;
     let mut heard = tokio::time::Instant::now();
-    let mut owed: u32 = 0;
+    let (mut owed, mut owed_msgs) = (0u32, 0u32);
     let mut reader_gone = false;
     let mut their_eof = false;
     // A message read ahead while deciding whether to grant credit now.
     let mut ahead: Option<Msg> = None;
+    // A local reader that takes nothing for this long is gone.
+    let stalled = config.silence * 2;
     loop {
         if their_eof && *sent.borrow() {
             return None;
@@ -242,22 +275,26 @@ async fn receive_pump(
             m
         } else {
             tokio::select! {
-            _ = sent.changed(), if their_eof => continue,
-            m = inbox.next() => match m {
-                Some(m) => m,
-                None => return Some("the message broker ended the session's queue".into()),
-            },
-            _ = lost.changed() => return Some("the connection to the message broker was lost".into()),
-            _ = ping.tick() => {
-                if heard.elapsed() >= config.silence {
-                    return Some(format!(
-                        "the replica at the other end stopped answering for {}s",
-                        config.silence.as_secs()
-                    ));
+                r = sent.changed(), if their_eof => {
+                    if r.is_err() {
+                        return None;
+                    }
+                    continue;
                 }
-                let _ = bus.publish(peer, frame(PING, &[])).await;
-                continue;
-            }
+                m = inbox.next() => match m {
+                    Some(m) => m,
+                    None => return Some("the message broker ended the session's queue".into()),
+                },
+                _ = lost.changed() => return Some("the connection to the message broker was lost".into()),
+                _ = check.tick() => {
+                    if heard.elapsed() >= config.silence {
+                        return Some(format!(
+                            "the replica at the other end stopped answering for {}s",
+                            config.silence.as_secs()
+                        ));
+                    }
+                    continue;
+                }
             }
         };
         heard = tokio::time::Instant::now();
@@ -266,30 +303,44 @@ async fn receive_pump(
         };
         match tag {
             DATA => {
-                if !reader_gone && wr.write_all(body).await.is_err() {
-                    // Our reader left: tell the far side to stop.
-                    reader_gone = true;
-                    let _ = bus
-                        .publish(peer, frame(RESET, b"the other side closed"))
-                        .await;
+                if !reader_gone {
+                    match tokio::time::timeout(stalled, wr.write_all(body)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => {
+                            // Our reader left: tell the far side to stop.
+                            reader_gone = true;
+                            let _ = bus
+                                .publish(peer, frame(RESET, b"the other side closed"))
+                                .await;
+                        }
+                        Err(_) => {
+                            return Some(format!(
+                                "the client took nothing for {}s",
+                                stalled.as_secs()
+                            ));
+                        }
+                    }
                 }
                 owed += body.len() as u32;
+                owed_msgs += 1;
                 // Credit goes back in quarter windows while data keeps
                 // coming, and at once when nothing else is waiting, so a
                 // small exchange never waits for a quarter window to fill.
-                if owed < config.window / 4 {
+                let quarter = owed >= config.window / 4 || owed_msgs >= MAX_MSGS / 4;
+                if !quarter {
                     ahead = inbox.try_next();
                 }
-                if owed >= config.window / 4 || ahead.is_none() {
-                    let _ = bus.publish(peer, frame(CREDIT, &owed.to_be_bytes())).await;
-                    owed = 0;
+                if quarter || ahead.is_none() {
+                    let _ = bus.publish(peer, credit_frame(owed, owed_msgs)).await;
+                    (owed, owed_msgs) = (0, 0);
                 }
             }
             CREDIT => {
-                if let Ok(b) = <[u8; 4]>::try_from(body) {
-                    credit
-                        .bytes
-                        .fetch_add(u32::from_be_bytes(b) as i64, Ordering::AcqRel);
+                if let Ok(b) = <[u8; 8]>::try_from(body) {
+                    let bytes = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                    let msgs = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+                    credit.bytes.fetch_add(bytes as i64, Ordering::AcqRel);
+                    credit.msgs.fetch_add(msgs as i64, Ordering::AcqRel);
                     credit.more.notify_one();
                 }
             }
@@ -297,6 +348,8 @@ async fn receive_pump(
                 let _ = wr.shutdown().await;
                 their_eof = true;
             }
+            // After their end, a reset only says they stopped listening.
+            RESET if their_eof => return None,
             RESET => {
                 let why = String::from_utf8_lossy(body).into_owned();
                 return Some(if why.is_empty() {
