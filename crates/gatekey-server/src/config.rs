@@ -110,7 +110,7 @@ impl Default for Config {
             bus_url: None,
             replica_id: None,
             replica_timeout: Duration::from_secs(15),
-            bus_window: 2 * 1024 * 1024,
+            bus_window: 4 * 1024 * 1024,
             log_level: "info".into(),
         }
     }
