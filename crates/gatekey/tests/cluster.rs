@@ -183,7 +183,16 @@ fn exec_across(broker: Broker) {
             let v: serde_json::Value =
                 serde_json::from_str(&c.admin_ok(&["session", "active", "-o", "json"])).unwrap();
             let list = v.as_array().unwrap();
-            assert_eq!(list.len(), 1, "{v}");
+            assert_eq!(
+                list.len(),
+                1,
+                "{v} from {}; logs:\n{}",
+                c.url,
+                rs.r.iter()
+                    .map(|c| c.log("server.log"))
+                    .collect::<Vec<_>>()
+                    .join("\n----\n")
+            );
             assert_eq!(list[0]["participants"].as_array().unwrap().len(), 3, "{v}");
             ids.push(list[0]["id"].as_str().unwrap().to_string());
         }

@@ -197,15 +197,14 @@ impl Cluster {
     }
 
     /// Replicas heard from recently, except this one.
+    /// A replica heard within four `replica_timeout`s is asked: one that is
+    /// gone answers "no responders" at once, so a late heartbeat never
+    /// hides a live replica's agents and sessions.
     pub fn live_peers(&self) -> Vec<String> {
-        let gone_after = self.heartbeat * 3;
+        let forget_after = self.heartbeat * 12;
         let mut peers = self.peers.lock().expect("peers");
-        peers.retain(|_, seen| seen.elapsed() < gone_after * 4);
-        let mut v: Vec<String> = peers
-            .iter()
-            .filter(|(_, seen)| seen.elapsed() < gone_after)
-            .map(|(id, _)| id.clone())
-            .collect();
+        peers.retain(|_, seen| seen.elapsed() < forget_after);
+        let mut v: Vec<String> = peers.keys().cloned().collect();
         v.sort();
         v
     }
@@ -234,6 +233,10 @@ impl Cluster {
         for (peer, answer) in futures_util::future::join_all(asks).await {
             match answer {
                 Ok(v) => out.push((peer.clone(), v)),
+                Err(BusError::NoResponders(_)) => {
+                    tracing::debug!(replica = %peer, "a replica that left was not asked again");
+                    self.peers.lock().expect("peers").remove(peer);
+                }
                 Err(e) => tracing::warn!(replica = %peer, error = %e, "a replica did not answer"),
             }
         }

@@ -307,11 +307,11 @@ async fn receive_pump(
                     match tokio::time::timeout(stalled, wr.write_all(body)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => {
-                            // Our reader left: tell the far side to stop.
+                            // Our reader left, so our own end follows from the
+                            // send pump, after whatever it still has to send (a
+                            // reset from here could overtake that). Until then
+                            // their data is taken and dropped.
                             reader_gone = true;
-                            let _ = bus
-                                .publish(peer, frame(RESET, b"the other side closed"))
-                                .await;
                         }
                         Err(_) => {
                             return Some(format!(
