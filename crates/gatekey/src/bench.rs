@@ -404,23 +404,15 @@ fn exec_latency(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -> Vec<
     rows
 }
 
-/// `head -c N /dev/zero` through `gatekey-admin session exec` into
-/// /dev/null, and N bytes of stdin the other way into `cat > /dev/null`;
-/// then the same through ssh.
-fn throughput(bins: &Bins, sizes: Sizes) -> Vec<Row> {
-    let c = Cluster::start(bins);
-    let (_, _agent) = c.agent("mesh hub", "hub-1", true);
-    let n = sizes.throughput_bytes;
+/// `n` bytes of stdout (`head -c N /dev/zero` into /dev/null), then of
+/// stdin (into `cat > /dev/null`), through `gatekey-admin session exec` on
+/// `agent`: the time each took.
+pub(crate) fn exec_throughput(c: &Cluster, agent: &str, n: u64) -> (Duration, Duration) {
     let devnull = || std::fs::File::create("/dev/null").expect("/dev/null");
     let t = Instant::now();
     let st = c
         .admin()
-        .args([
-            "session",
-            "exec",
-            "hub-1",
-            &format!("head -c {n} /dev/zero"),
-        ])
+        .args(["session", "exec", agent, &format!("head -c {n} /dev/zero")])
         .stdin(Stdio::null())
         .stdout(devnull())
         .status()
@@ -435,7 +427,7 @@ fn throughput(bins: &Bins, sizes: Sizes) -> Vec<Row> {
     let t = Instant::now();
     let st = c
         .admin()
-        .args(["session", "exec", "hub-1", "cat > /dev/null"])
+        .args(["session", "exec", agent, "cat > /dev/null"])
         .stdin(head.stdout.take().expect("head stdout"))
         .stdout(devnull())
         .status()
@@ -443,6 +435,15 @@ fn throughput(bins: &Bins, sizes: Sizes) -> Vec<Row> {
     let up = t.elapsed();
     let _ = head.wait();
     assert!(st.success());
+    (down, up)
+}
+
+/// Stdout and stdin throughput through gatekey, then the same through ssh.
+fn throughput(bins: &Bins, sizes: Sizes) -> Vec<Row> {
+    let c = Cluster::start(bins);
+    let (_, _agent) = c.agent("mesh hub", "hub-1", true);
+    let n = sizes.throughput_bytes;
+    let (down, up) = exec_throughput(&c, "hub-1", n);
     drop(c);
     let mb_s = |d: Duration| n as f64 / d.as_secs_f64() / 1e6;
     let mbps = |d: Duration| format!("{:.0} MB/s", mb_s(d));

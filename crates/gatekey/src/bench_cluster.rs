@@ -4,12 +4,11 @@
 //! the broker), and the difference printed. Skipped (with a message) for a
 //! broker or database that is not running.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gatekey_admin::api::ExecRequest;
 
-use super::{Row, Sizes, client, latency_rows, median, ms};
+use super::{Row, Sizes, client, exec_throughput, latency_rows, median, ms};
 use crate::testkit::{Bins, Cluster, postgres_schema_url, start_replicas};
 
 const BROKERS: &[(&str, &str, &str)] = &[
@@ -68,8 +67,8 @@ pub(crate) fn cluster(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -
             "<= 1 ms",
         ));
         let n = sizes.throughput_bytes / 4;
-        let (same_down, same_up) = throughput(near, n);
-        let (far_down, far_up) = throughput(far, n);
+        let (same_down, same_up) = exec_throughput(near, "hub-1", n);
+        let (far_down, far_up) = exec_throughput(far, "hub-1", n);
         let mb = |d: Duration| n as f64 / d.as_secs_f64() / 1e6;
         for (what, same, across) in [("stdout", same_down, far_down), ("stdin", same_up, far_up)] {
             rows.push(Row::new(
@@ -119,41 +118,4 @@ fn exec_latency(c: &Cluster, rt: &tokio::runtime::Runtime, runs: usize) -> Vec<D
         }
         v
     })
-}
-
-/// `n` bytes of stdout, then of stdin, through `gatekey-admin session exec`.
-fn throughput(c: &Cluster, n: u64) -> (Duration, Duration) {
-    let devnull = || std::fs::File::create("/dev/null").expect("/dev/null");
-    let t = Instant::now();
-    let st = c
-        .admin()
-        .args([
-            "session",
-            "exec",
-            "hub-1",
-            &format!("head -c {n} /dev/zero"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(devnull())
-        .status()
-        .expect("cli");
-    let down = t.elapsed();
-    assert!(st.success());
-    let mut head = Command::new("head")
-        .args(["-c", &n.to_string(), "/dev/zero"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("head");
-    let t = Instant::now();
-    let st = c
-        .admin()
-        .args(["session", "exec", "hub-1", "cat > /dev/null"])
-        .stdin(head.stdout.take().expect("head stdout"))
-        .stdout(devnull())
-        .status()
-        .expect("cli");
-    let up = t.elapsed();
-    let _ = head.wait();
-    assert!(st.success());
-    (down, up)
 }

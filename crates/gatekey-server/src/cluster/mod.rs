@@ -302,6 +302,44 @@ pub mod agent_op {
     pub const DROP: u8 = b'D';
 }
 
+/// A subscription made again whenever it ends (the broker connection was
+/// re-made) or could not be made.
+struct Resubscribing {
+    bus: Bus,
+    subject: String,
+    broadcast: bool,
+    sub: Option<Subscription>,
+}
+
+impl Resubscribing {
+    fn new(bus: &Bus, subject: &str, broadcast: bool, first: Option<Subscription>) -> Self {
+        Resubscribing {
+            bus: bus.clone(),
+            subject: subject.to_string(),
+            broadcast,
+            sub: first,
+        }
+    }
+
+    async fn next(&mut self) -> Msg {
+        loop {
+            let Some(s) = self.sub.as_mut() else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.sub = if self.broadcast {
+                    self.bus.subscribe_broadcast(&self.subject).await.ok()
+                } else {
+                    self.bus.subscribe(&self.subject).await.ok()
+                };
+                continue;
+            };
+            match s.next().await {
+                Some(m) => return m,
+                None => self.sub = None,
+            }
+        }
+    }
+}
+
 /// Listens on an agent's subject while this replica holds its link.
 /// Dropping it stops listening.
 pub struct AgentListener(tokio::task::JoinHandle<()>);
@@ -323,19 +361,10 @@ pub async fn listen_agent(state: &AppState, conn: Arc<AgentConn>) -> Option<Agen
         }
     };
     let state = state.clone();
+    let mut listening = Resubscribing::new(&cluster.bus, &subject, false, first);
     Some(AgentListener(tokio::spawn(async move {
-        let mut sub = first;
         loop {
-            let Some(s) = sub.as_mut() else {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                sub = cluster.bus.subscribe(&subject).await.ok();
-                continue;
-            };
-            let Some(msg) = s.next().await else {
-                // The broker connection was re-made: listen again.
-                sub = None;
-                continue;
-            };
+            let msg = listening.next().await;
             let state = state.clone();
             let cluster = cluster.clone();
             let conn = conn.clone();
@@ -430,17 +459,9 @@ async fn listen_replica(state: AppState, first: Option<Subscription>) {
         return;
     };
     let subject = replica_subject(&cluster.replica);
-    let mut sub = first;
+    let mut listening = Resubscribing::new(&cluster.bus, &subject, false, first);
     loop {
-        let Some(s) = sub.as_mut() else {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            sub = cluster.bus.subscribe(&subject).await.ok();
-            continue;
-        };
-        let Some(msg) = s.next().await else {
-            sub = None;
-            continue;
-        };
+        let msg = listening.next().await;
         let state = state.clone();
         let cluster = cluster.clone();
         tokio::spawn(async move {
@@ -518,17 +539,9 @@ async fn listen_heartbeats(state: AppState, first: Option<Subscription>) {
     let Some(cluster) = state.cluster.clone() else {
         return;
     };
-    let mut sub = first;
+    let mut listening = Resubscribing::new(&cluster.bus, REPLICAS, true, first);
     loop {
-        let Some(s) = sub.as_mut() else {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            sub = cluster.bus.subscribe_broadcast(REPLICAS).await.ok();
-            continue;
-        };
-        let Some(msg) = s.next().await else {
-            sub = None;
-            continue;
-        };
+        let msg = listening.next().await;
         let Ok(beat) = serde_json::from_slice::<Heartbeat>(&msg.payload) else {
             continue;
         };
