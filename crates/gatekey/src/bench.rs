@@ -297,6 +297,30 @@ pub(crate) fn ratio_row(scenario: &'static str, metric: &str, a: f64, b: f64) ->
     Row::new(scenario, metric, format!("{:.2}", a / b), "")
 }
 
+/// `true` on `agent` through the one-shot API on a warm connection, after
+/// 20 runs of warm-up: the time of each of `runs`.
+pub(crate) async fn oneshot_latency(client: &Client, agent: &str, runs: usize) -> Vec<Duration> {
+    let req = || ExecRequest {
+        command: "true".into(),
+        timeout_seconds: None,
+        stdin: None,
+    };
+    for _ in 0..20 {
+        client
+            .exec_oneshot(agent, req())
+            .await
+            .expect("warm-up exec");
+    }
+    let mut v = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        let r = client.exec_oneshot(agent, req()).await.expect("exec");
+        v.push(t.elapsed());
+        assert_eq!(r.exit_code, Some(0));
+    }
+    v
+}
+
 /// `true` through control plane and agent: the client library on a warm
 /// connection (one-shot API over keep-alive, and a WebSocket stream per
 /// exec), and a whole `gatekey-admin session exec` process. Beside it,
@@ -307,24 +331,7 @@ fn exec_latency(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -> Vec<
     let client = client(&c);
     let mut rows = Vec::new();
     let oneshot = rt.block_on(async {
-        let req = || ExecRequest {
-            command: "true".into(),
-            timeout_seconds: None,
-            stdin: None,
-        };
-        for _ in 0..20 {
-            client
-                .exec_oneshot("hub-1", req())
-                .await
-                .expect("warm-up exec");
-        }
-        let mut v = Vec::with_capacity(sizes.latency_runs);
-        for _ in 0..sizes.latency_runs {
-            let t = Instant::now();
-            let r = client.exec_oneshot("hub-1", req()).await.expect("exec");
-            v.push(t.elapsed());
-            assert_eq!(r.exit_code, Some(0));
-        }
+        let v = oneshot_latency(&client, "hub-1", sizes.latency_runs).await;
         let oneshot = median(&v);
         rows.extend(latency_rows(
             "exec-latency",

@@ -4,11 +4,9 @@
 //! the broker), and the difference printed. Skipped (with a message) for a
 //! broker or database that is not running.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use gatekey_admin::api::ExecRequest;
-
-use super::{Row, Sizes, client, exec_throughput, latency_rows, median, ms};
+use super::{Row, Sizes, client, exec_throughput, latency_rows, median, ms, oneshot_latency};
 use crate::testkit::{Bins, Cluster, postgres_schema_url, start_replicas};
 
 const BROKERS: &[(&str, &str, &str)] = &[
@@ -97,25 +95,5 @@ pub(crate) fn cluster(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -
 
 fn exec_latency(c: &Cluster, rt: &tokio::runtime::Runtime, runs: usize) -> Vec<Duration> {
     let client = client(c);
-    rt.block_on(async {
-        let req = || ExecRequest {
-            command: "true".into(),
-            timeout_seconds: None,
-            stdin: None,
-        };
-        for _ in 0..20 {
-            client
-                .exec_oneshot("hub-1", req())
-                .await
-                .expect("warm-up exec");
-        }
-        let mut v = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            let t = Instant::now();
-            let r = client.exec_oneshot("hub-1", req()).await.expect("exec");
-            v.push(t.elapsed());
-            assert_eq!(r.exit_code, Some(0));
-        }
-        v
-    })
+    rt.block_on(oneshot_latency(&client, "hub-1", runs))
 }

@@ -42,6 +42,15 @@ struct Shared {
     idle: Mutex<Vec<Channel>>,
 }
 
+/// A queue of this connection's only, deleted when its consumer goes.
+const PRIVATE_QUEUE: QueueDeclareOptions = QueueDeclareOptions {
+    passive: false,
+    durable: false,
+    exclusive: true,
+    auto_delete: true,
+    nowait: false,
+};
+
 /// Most idle channels kept.
 const IDLE_CHANNELS: usize = 32;
 
@@ -106,15 +115,7 @@ impl Amqp {
         let live = self.live()?;
         let channel = self.channel(&live).await?;
         channel
-            .queue_declare(
-                subject.into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+            .queue_declare(subject.into(), PRIVATE_QUEUE, FieldTable::default())
             .await
             .map_err(|e| BusError::Broker(format!("cannot declare queue {subject}: {e}")))?;
         consume(channel, subject, Some(Arc::downgrade(&self.shared))).await
@@ -134,15 +135,7 @@ impl Amqp {
             .map_err(broker)?;
         let queue = format!("{subject}@{}", self.shared.replica);
         channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+            .queue_declare(queue.as_str().into(), PRIVATE_QUEUE, FieldTable::default())
             .await
             .map_err(broker)?;
         channel
@@ -419,11 +412,7 @@ impl Shared {
         replies_channel
             .queue_declare(
                 reply_queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
+                PRIVATE_QUEUE,
                 FieldTable::default(),
             )
             .await
