@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::console_client::{open, query, tty};
-use common::{TcpForwarder, assert_code, bins, stdout};
+use common::{TcpForwarder, assert_code, bins, stderr, stdout};
 use gatekey::testkit::{AgentProc, Cluster, wait_until};
 use gatekey_proto::channel;
 
@@ -312,7 +312,7 @@ fn failures(broker: Broker) {
     let client = (h + 1) % 3;
     let other = (h + 2) % 3;
     // A second agent, held by the client's replica.
-    let _near = rs.agent("gw-near", &rs.r[client].url);
+    let near_agent = rs.agent("gw-near", &rs.r[client].url);
     assert_eq!(rs.holder(client, "gw-near"), Some(client));
 
     rt.block_on(async {
@@ -369,6 +369,20 @@ fn failures(broker: Broker) {
             out.status.success() && stdout(&out) == "again\n"
         },
     );
+    // An agent that left is "not connected" from every replica, as with one
+    // (a replica that had it cached asks the bus, hears nobody, and answers
+    // itself).
+    drop(near_agent);
+    wait_until(Duration::from_secs(20), "gw-near gone", || {
+        rs.holder(other, "gw-near").is_none()
+    });
+    for (i, r) in rs.r.iter().enumerate() {
+        if i != h {
+            let out = r.admin_run(&["session", "exec", "gw-near", "true"]);
+            assert_code(&out, 245);
+            assert!(stderr(&out).contains("not connected"), "{}", stderr(&out));
+        }
+    }
     // The audit chain survived all of it.
     rs.r[via].admin_ok(&["audit", "verify"]);
 }

@@ -98,6 +98,8 @@ pub struct Cluster {
     pub bus: Bus,
     pub replica: String,
     pub tunnel: TunnelConfig,
+    /// Where the tunnels this replica opens hear back.
+    pub inboxes: Arc<tunnel::Inboxes>,
     /// Bounds questions to other replicas.
     pub ask_timeout: Duration,
     heartbeat: Duration,
@@ -120,6 +122,7 @@ const NODE_CACHE_TTL: Duration = Duration::from_secs(10);
 impl Cluster {
     pub fn new(bus: Bus, replica: String, tunnel: TunnelConfig, heartbeat: Duration) -> Cluster {
         Cluster {
+            inboxes: tunnel::Inboxes::new(bus.clone()),
             bus,
             replica,
             // A replica that is gone is "no responders" at once; only a
@@ -152,6 +155,7 @@ impl Cluster {
         tokio::spawn(listen_replica(state.clone(), own.ok()));
         tokio::spawn(listen_heartbeats(state.clone(), heard.ok()));
         tokio::spawn(send_heartbeats(state.clone()));
+        cluster.inboxes.fill();
         match failed {
             Some(e) => Err(e),
             None => Ok(()),
@@ -416,7 +420,7 @@ async fn on_agent_message(state: &AppState, cluster: &Cluster, conn: &AgentConn,
 
 /// Serves a request another replica carried here, on this replica's API.
 async fn serve_tunnel(state: &AppState, cluster: &Cluster, msg: &Msg) {
-    let Some(request) = tunnel::parse_open(msg) else {
+    let Some((request, first)) = tunnel::parse_open(msg) else {
         tunnel::refuse(&cluster.bus, msg, "malformed tunnel request").await;
         return;
     };
@@ -424,13 +428,7 @@ async fn serve_tunnel(state: &AppState, cluster: &Cluster, msg: &Msg) {
         tunnel::refuse(&cluster.bus, msg, "the replica is starting").await;
         return;
     };
-    let t = match tunnel::accept(&cluster.bus, msg, &request, cluster.tunnel).await {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot accept a tunnel from another replica");
-            return;
-        }
-    };
+    let t = tunnel::accept(&cluster.bus, msg, &request, first, cluster.tunnel);
     let addr = request
         .client_addr
         .unwrap_or_else(|| ([0, 0, 0, 0], 0).into());

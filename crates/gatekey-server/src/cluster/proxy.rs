@@ -52,35 +52,55 @@ pub async fn route(State(state): State<AppState>, req: Request, next: Next) -> R
     else {
         return next.run(req).await;
     };
-    let open = OpenRequest {
-        id: crate::live::new_session_id(),
-        client_addr: addr,
-        from_replica: cluster.replica.clone(),
-        window: 0,
-    };
-    let t = match tunnel::open(&cluster.bus, &subject, open, cluster.tunnel).await {
-        Ok(t) => t,
-        // It left since we looked (or the name now means another node):
-        // the handler here looks again and answers.
-        Err(OpenError::Bus(BusError::NoResponders(_))) => {
-            if let Some(r) = &reference {
-                cluster.forget_node(r);
-            }
-            return next.run(req).await;
-        }
+    // Kept whole, so it can still be served here if the agent has left.
+    let (mut parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_CARRIED_BODY).await {
+        Ok(b) => b,
         Err(e) => {
             return ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "replica_unavailable",
-                format!("cannot reach the control-plane replica holding {label}: {e}"),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("cannot read the request body (at most {MAX_CARRIED_BODY} bytes): {e}"),
             )
             .into_response();
         }
     };
+    let unavailable = |e: &dyn std::fmt::Display| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "replica_unavailable",
+            format!("cannot reach the control-plane replica holding {label}: {e}"),
+        )
+        .into_response()
+    };
+    let (id, inbox) = match cluster.inboxes.take().await {
+        Ok(x) => x,
+        Err(e) => return unavailable(&e),
+    };
+    let open = OpenRequest {
+        id,
+        client_addr: addr,
+        from_replica: cluster.replica.clone(),
+        window: 0,
+    };
+    let mut t = tunnel::open(&cluster.bus, &subject, open, cluster.tunnel, inbox);
+    let opened = t.opened.take().expect("the opening side");
     let ended = t.ended.clone();
-    match forward(req, t, label.clone()).await {
-        Ok(r) => r,
-        Err(e) => {
+    let e = match forward(&mut parts, body.clone(), t, label.clone()).await {
+        Ok(r) => return r,
+        Err(e) => e,
+    };
+    match tokio::time::timeout(cluster.tunnel.open_timeout, opened).await {
+        // It left since we looked (or the name now means another node), and
+        // nobody got the request: the handler here looks again and answers.
+        Ok(Ok(Err(OpenError::Bus(BusError::NoResponders(_))))) => {
+            if let Some(r) = &reference {
+                cluster.forget_node(r);
+            }
+            next.run(Request::from_parts(parts, Body::from(body))).await
+        }
+        Ok(Ok(Err(e))) => unavailable(&e),
+        _ => {
             let why = ended.borrow().clone().unwrap_or_else(|| e.to_string());
             ApiError::new(
                 StatusCode::BAD_GATEWAY,
@@ -91,6 +111,10 @@ pub async fn route(State(state): State<AppState>, req: Request, next: Next) -> R
         }
     }
 }
+
+/// Largest request body carried to another replica (the API's own limit
+/// for JSON bodies).
+const MAX_CARRIED_BODY: usize = 2 << 20;
 
 /// Paths that may have to be served by another replica.
 fn routable(method: &Method, path: &str) -> bool {
@@ -180,22 +204,22 @@ async fn destination(
 /// Sends the request through the tunnel and hands back the far replica's
 /// answer (splicing an upgraded connection).
 async fn forward(
-    mut req: Request,
+    parts: &mut axum::http::request::Parts,
+    body: Bytes,
     t: tunnel::Tunnel,
     label: String,
 ) -> Result<Response, hyper::Error> {
-    let upgrade = req
-        .headers()
-        .get(axum::http::header::UPGRADE)
-        .is_some()
-        .then(|| hyper::upgrade::on(&mut req));
+    let mut out = Request::new(Body::from(body));
+    *out.method_mut() = parts.method.clone();
+    *out.uri_mut() = parts.uri.clone();
+    *out.headers_mut() = parts.headers.clone();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(t.io)).await?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
-    let mut resp = sender.send_request(req).await?;
+    let mut resp = sender.send_request(out).await?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client) = upgrade
+        && let Some(client) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
     {
         let upstream = hyper::upgrade::on(&mut resp);
         let ended = t.ended;

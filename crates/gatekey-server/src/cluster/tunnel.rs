@@ -10,16 +10,23 @@
 //! queues that vanish with the session. Either side pings when idle; a side
 //! that hears nothing for `silence` ends the tunnel, as does a lost broker
 //! connection, with the reason in [`Tunnel::ended`].
+//!
+//! Opening costs no round trip of its own: the open request carries the
+//! first bytes written (a whole HTTP request, usually), the far side starts
+//! serving them while it subscribes to `up`, and answers from it travel on
+//! `down`, which the opening side listened on before asking (from a few
+//! [`Inboxes`] made ahead). Nothing more goes `up` until the far side said
+//! it listens.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
 use crate::bus::{Bus, BusError, Msg, Subscription};
 
@@ -59,6 +66,9 @@ pub struct OpenRequest {
 pub struct Tunnel {
     pub io: DuplexStream,
     pub ended: watch::Receiver<Option<String>>,
+    /// The opening side: whether the far side accepted, known once the
+    /// first bytes written went out with the open request.
+    pub opened: Option<oneshot::Receiver<Result<(), OpenError>>>,
 }
 
 /// Why a tunnel could not be opened.
@@ -78,47 +88,136 @@ fn down(id: &str) -> String {
     format!("gatekey.session.{id}.down")
 }
 
-/// Opens a tunnel to whoever listens on `subject`.
-pub async fn open(
+/// Inboxes (`down` subscriptions, each under a fresh session id) made
+/// ahead of need, so that opening a tunnel waits for nothing: on RabbitMQ
+/// each is a queue, which costs two round trips to the broker.
+pub struct Inboxes {
+    bus: Bus,
+    /// With the broker connection's loss count when made: one made before
+    /// a loss may be dead.
+    ready: Mutex<Vec<(String, Subscription, u64)>>,
+    filling: AtomicBool,
+}
+
+/// Inboxes kept ready.
+const READY_INBOXES: usize = 4;
+
+impl Inboxes {
+    pub fn new(bus: Bus) -> Arc<Inboxes> {
+        Arc::new(Inboxes {
+            bus,
+            ready: Mutex::new(Vec::new()),
+            filling: AtomicBool::new(false),
+        })
+    }
+
+    /// A session id and a subscription to its `down` subject.
+    pub async fn take(self: &Arc<Self>) -> Result<(String, Subscription), BusError> {
+        let generation = *self.bus.lost().borrow();
+        let ready = {
+            let mut ready = self.ready.lock().expect("inboxes");
+            ready.retain(|(_, _, g)| *g == generation);
+            ready.pop()
+        };
+        self.fill();
+        match ready {
+            Some((id, inbox, _)) => Ok((id, inbox)),
+            None => {
+                let id = crate::live::new_session_id();
+                let inbox = self.bus.subscribe(&down(&id)).await?;
+                Ok((id, inbox))
+            }
+        }
+    }
+
+    /// Tops the ready inboxes up, in the background.
+    pub fn fill(self: &Arc<Self>) {
+        if self.filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let generation = *this.bus.lost().borrow();
+                if this.ready.lock().expect("inboxes").len() >= READY_INBOXES {
+                    break;
+                }
+                let id = crate::live::new_session_id();
+                match this.bus.subscribe(&down(&id)).await {
+                    Ok(inbox) => this
+                        .ready
+                        .lock()
+                        .expect("inboxes")
+                        .push((id, inbox, generation)),
+                    // The next take subscribes by itself and tries again.
+                    Err(_) => break,
+                }
+            }
+            this.filling.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Opens a tunnel to whoever listens on `subject`, with `inbox` listening
+/// on `down` of `request.id` (from [`Inboxes::take`]). Returns at once: the
+/// open request goes out with the first bytes written to the tunnel, and
+/// [`Tunnel::opened`] tells how it was answered.
+pub fn open(
     bus: &Bus,
     subject: &str,
     mut request: OpenRequest,
     config: TunnelConfig,
-) -> Result<Tunnel, OpenError> {
+    inbox: Subscription,
+) -> Tunnel {
     request.window = config.window;
-    // Listen before asking, so nothing the far side sends is missed.
-    let inbox = bus.subscribe(&down(&request.id)).await?;
-    let mut payload = vec![b'T'];
-    payload.extend(serde_json::to_vec(&request).expect("serializable"));
-    let answer = bus
-        .request(subject, Bytes::from(payload), config.open_timeout)
-        .await?;
-    if answer.as_ref() != b"ok" {
-        return Err(OpenError::Refused(
-            String::from_utf8_lossy(&answer).into_owned(),
-        ));
-    }
-    Ok(start(bus.clone(), inbox, up(&request.id), config))
+    let mut head = vec![b'T'];
+    head.extend(serde_json::to_vec(&request).expect("serializable"));
+    head.push(b'\n');
+    let (answer, opened) = oneshot::channel();
+    let opening = Opening {
+        subject: subject.to_string(),
+        head,
+        timeout: config.open_timeout,
+        answer,
+    };
+    let mut t = start(
+        bus.clone(),
+        Inbox::Ready(inbox),
+        up(&request.id),
+        config,
+        Some(opening),
+        Bytes::new(),
+    );
+    t.opened = Some(opened);
+    t
 }
 
-/// Parses an open request (the message's payload starts with `T`).
-pub fn parse_open(msg: &Msg) -> Option<OpenRequest> {
+/// Parses an open request (the message's payload starts with `T`): the
+/// request, and the first bytes of the stream that came with it.
+pub fn parse_open(msg: &Msg) -> Option<(OpenRequest, Bytes)> {
     let body = msg.payload.strip_prefix(b"T")?;
-    let r: OpenRequest = serde_json::from_slice(body).ok()?;
-    crate::cluster::valid_id(&r.id).then_some(r)
+    let end = body.iter().position(|&b| b == b'\n').unwrap_or(body.len());
+    let r: OpenRequest = serde_json::from_slice(&body[..end]).ok()?;
+    let first = msg.payload.slice((1 + end + 1).min(msg.payload.len())..);
+    crate::cluster::valid_id(&r.id).then_some((r, first))
 }
 
-/// Accepts an open request received on a listener's subscription.
-pub async fn accept(
+/// Accepts an open request received on a listener's subscription: `first`
+/// can be read from the tunnel at once, while it subscribes to `up` and
+/// then answers.
+pub fn accept(
     bus: &Bus,
     msg: &Msg,
     request: &OpenRequest,
+    first: Bytes,
     mut config: TunnelConfig,
-) -> Result<Tunnel, BusError> {
+) -> Tunnel {
     config.window = request.window.clamp(CHUNK as u32, 64 << 20);
-    let inbox = bus.subscribe(&up(&request.id)).await?;
-    bus.respond(msg, Bytes::from_static(b"ok")).await?;
-    Ok(start(bus.clone(), inbox, down(&request.id), config))
+    let inbox = Inbox::Accepting {
+        subject: up(&request.id),
+        request: msg.clone(),
+    };
+    start(bus.clone(), inbox, down(&request.id), config, None, first)
 }
 
 /// Refuses an open request with a message for the client's replica.
@@ -145,7 +244,47 @@ struct Credit {
 /// Messages in flight per direction.
 const MAX_MSGS: u32 = 256;
 
-fn start(bus: Bus, inbox: Subscription, peer: String, config: TunnelConfig) -> Tunnel {
+/// How far the sending side has got.
+#[derive(Clone, Debug, PartialEq)]
+enum Phase {
+    /// The open request (with the first bytes) is out and unanswered:
+    /// nothing else goes to the far side, which may not listen yet.
+    Opening,
+    Open,
+    /// Our EOF is out (or sending failed: the broker connection is down,
+    /// which the receiver reports).
+    Done,
+    /// The far side did not accept, for this reason.
+    Refused(String),
+}
+
+/// The opening side's open request, sent with the first bytes.
+struct Opening {
+    subject: String,
+    /// `T`, the request as JSON, a newline.
+    head: Vec<u8>,
+    timeout: Duration,
+    answer: oneshot::Sender<Result<(), OpenError>>,
+}
+
+/// Where the far side's messages arrive.
+enum Inbox {
+    Ready(Subscription),
+    /// The accepting side: subscribe to `subject`, then answer `request`.
+    Accepting {
+        subject: String,
+        request: Msg,
+    },
+}
+
+fn start(
+    bus: Bus,
+    inbox: Inbox,
+    peer: String,
+    config: TunnelConfig,
+    opening: Option<Opening>,
+    first: Bytes,
+) -> Tunnel {
     let (user, inner) = tokio::io::duplex(CHUNK);
     let (ended_tx, ended) = watch::channel(None);
     let (rd, mut wr) = tokio::io::split(inner);
@@ -154,20 +293,30 @@ fn start(bus: Bus, inbox: Subscription, peer: String, config: TunnelConfig) -> T
         msgs: AtomicI64::new(MAX_MSGS as i64),
         more: Notify::new(),
     });
-    let (sent_tx, sent_rx) = watch::channel(false);
+    let initial = if opening.is_some() {
+        Phase::Opening
+    } else {
+        Phase::Open
+    };
+    let (phase_tx, phase) = watch::channel(initial);
     let outbound = tokio::spawn(send_pump(
         bus.clone(),
         rd,
         peer.clone(),
         credit.clone(),
-        sent_tx,
+        phase_tx,
+        opening,
     ));
     // Pings on their own clock, so a receiver busy writing to a slow local
     // reader still tells the far side it is alive.
     let pinger = {
         let bus = bus.clone();
         let peer = peer.clone();
+        let mut phase = phase.clone();
         tokio::spawn(async move {
+            if phase.wait_for(|p| *p != Phase::Opening).await.is_err() {
+                return;
+            }
             let mut tick = tokio::time::interval(config.silence / 3);
             tick.tick().await;
             loop {
@@ -177,7 +326,39 @@ fn start(bus: Bus, inbox: Subscription, peer: String, config: TunnelConfig) -> T
         })
     };
     tokio::spawn(async move {
-        let why = receive_pump(&bus, inbox, &mut wr, &peer, &credit, config, sent_rx).await;
+        let why = async {
+            let mut owed = (0, 0);
+            if !first.is_empty() {
+                // It fits: the far side sends at most CHUNK, our buffer's size.
+                let _ = wr.write_all(&first).await;
+                owed = (first.len() as u32, 1);
+            }
+            let inbox = match inbox {
+                Inbox::Ready(inbox) => inbox,
+                Inbox::Accepting { subject, request } => match bus.subscribe(&subject).await {
+                    Ok(inbox) => {
+                        if let Err(e) = bus.respond(&request, Bytes::from_static(b"ok")).await {
+                            return Some(e.to_string());
+                        }
+                        inbox
+                    }
+                    Err(e) => {
+                        let why =
+                            format!("the replica holding it cannot listen for the session: {e}");
+                        refuse(&bus, &request, &why).await;
+                        return Some(why);
+                    }
+                },
+            };
+            let pump = Pump {
+                bus: &bus,
+                peer: &peer,
+                credit: &credit,
+                config,
+            };
+            pump.receive(inbox, &mut wr, phase, owed).await
+        }
+        .await;
         pinger.abort();
         // The reason is out before our user can see the stream end: both
         // halves of our side are still held here.
@@ -190,17 +371,23 @@ fn start(bus: Bus, inbox: Subscription, peer: String, config: TunnelConfig) -> T
             let _ = bus.publish(&peer, frame(RESET, why.as_bytes())).await;
         }
     });
-    Tunnel { io: user, ended }
+    Tunnel {
+        io: user,
+        ended,
+        opened: None,
+    }
 }
 
-/// Ours → theirs, never more than the credit they granted. `sent` turns
-/// true once our EOF is out (or sending failed).
+/// Ours → theirs, never more than the credit they granted. The opening
+/// side's first bytes go with its open request, and nothing more until the
+/// far side accepted.
 async fn send_pump(
     bus: Bus,
     mut rd: tokio::io::ReadHalf<DuplexStream>,
     peer: String,
     credit: Arc<Credit>,
-    sent: watch::Sender<bool>,
+    phase: watch::Sender<Phase>,
+    mut opening: Option<Opening>,
 ) {
     let mut buf = BytesMut::new();
     let has_credit =
@@ -215,23 +402,49 @@ async fn send_pump(
         }
         let available = credit.bytes.load(Ordering::Acquire);
         let max = (available as usize).min(CHUNK);
+        let head: &[u8] = opening.as_ref().map_or(&[DATA], |o| &o.head);
         // Each message is its own allocation, handed to the broker client
         // without another copy.
-        buf.reserve(max + 1);
-        buf.put_u8(DATA);
+        buf.reserve(max + head.len());
+        buf.put_slice(head);
         let n = match (&mut rd).take(max as u64).read_buf(&mut buf).await {
             Ok(0) | Err(_) => {
+                if let Some(o) = opening.take() {
+                    // Nothing was sent: there is no far side to tell.
+                    let why = "closed before anything was sent".to_string();
+                    let _ = o.answer.send(Err(OpenError::Refused(why.clone())));
+                    phase.send_replace(Phase::Refused(why));
+                    return;
+                }
                 let _ = bus.publish(&peer, frame(EOF, &[])).await;
-                sent.send_replace(true);
+                phase.send_replace(Phase::Done);
                 return;
             }
             Ok(n) => n,
         };
         credit.bytes.fetch_sub(n as i64, Ordering::AcqRel);
         credit.msgs.fetch_sub(1, Ordering::AcqRel);
-        if bus.publish(&peer, buf.split().freeze()).await.is_err() {
-            // The broker connection is down; the receiver reports it.
-            sent.send_replace(true);
+        let payload = buf.split().freeze();
+        if let Some(o) = opening.take() {
+            let refused = match bus.request(&o.subject, payload, o.timeout).await {
+                Ok(a) if a.as_ref() == b"ok" => None,
+                Ok(a) => Some(OpenError::Refused(String::from_utf8_lossy(&a).into_owned())),
+                Err(e) => Some(OpenError::Bus(e)),
+            };
+            // The answer first: whoever opened learns why before the
+            // tunnel ends.
+            if let Some(e) = refused {
+                let why = e.to_string();
+                let _ = o.answer.send(Err(e));
+                phase.send_replace(Phase::Refused(why));
+                return;
+            }
+            phase.send_replace(Phase::Open);
+            let _ = o.answer.send(Ok(()));
+            continue;
+        }
+        if bus.publish(&peer, payload).await.is_err() {
+            phase.send_replace(Phase::Done);
             return;
         }
     }
@@ -244,121 +457,136 @@ fn credit_frame(bytes: u32, msgs: u32) -> Bytes {
     frame(CREDIT, &b)
 }
 
-/// Theirs → ours. Returns why the tunnel broke, or None when both sides
-/// finished sending.
-async fn receive_pump(
-    bus: &Bus,
-    mut inbox: Subscription,
-    wr: &mut tokio::io::WriteHalf<DuplexStream>,
-    peer: &str,
-    credit: &Credit,
+/// What the receiving side works with.
+struct Pump<'a> {
+    bus: &'a Bus,
+    peer: &'a str,
+    credit: &'a Credit,
     config: TunnelConfig,
-    mut sent: watch::Receiver<bool>,
-) -> Option<String> {
-    let mut lost = bus.lost();
-    lost.borrow_and_update();
-    let mut check = tokio::time::interval(config.silence / 3);
-    check.tick().await;
-    let mut heard = tokio::time::Instant::now();
-    let (mut owed, mut owed_msgs) = (0u32, 0u32);
-    let mut reader_gone = false;
-    let mut their_eof = false;
-    // A message read ahead while deciding whether to grant credit now.
-    let mut ahead: Option<Msg> = None;
-    // A local reader that takes nothing for this long is gone.
-    let stalled = config.silence * 2;
-    loop {
-        if their_eof && *sent.borrow() {
-            return None;
-        }
-        let msg = if let Some(m) = ahead.take() {
-            m
-        } else {
-            tokio::select! {
-                r = sent.changed(), if their_eof => {
-                    if r.is_err() {
-                        return None;
-                    }
-                    continue;
-                }
-                m = inbox.next() => match m {
-                    Some(m) => m,
-                    None => return Some("the message broker ended the session's queue".into()),
-                },
-                _ = lost.changed() => return Some("the connection to the message broker was lost".into()),
-                _ = check.tick() => {
-                    if heard.elapsed() >= config.silence {
-                        return Some(format!(
-                            "the replica at the other end stopped answering for {}s",
-                            config.silence.as_secs()
-                        ));
-                    }
-                    continue;
-                }
+}
+
+impl Pump<'_> {
+    /// Theirs → ours. Returns why the tunnel broke, or None when both sides
+    /// finished sending. `owed` is credit for bytes already taken.
+    async fn receive(
+        &self,
+        mut inbox: Subscription,
+        wr: &mut tokio::io::WriteHalf<DuplexStream>,
+        mut phase: watch::Receiver<Phase>,
+        (mut owed, mut owed_msgs): (u32, u32),
+    ) -> Option<String> {
+        let (bus, peer, credit, config) = (self.bus, self.peer, self.credit, self.config);
+        let mut lost = bus.lost();
+        lost.borrow_and_update();
+        let mut check = tokio::time::interval(config.silence / 3);
+        check.tick().await;
+        let mut heard = tokio::time::Instant::now();
+        let mut reader_gone = false;
+        let mut their_eof = false;
+        let mut phase_known = false;
+        // A message read ahead while deciding whether to grant credit now.
+        let mut ahead: Option<Msg> = None;
+        // A local reader that takes nothing for this long is gone.
+        let stalled = config.silence * 2;
+        loop {
+            let open = match &*phase.borrow() {
+                Phase::Refused(why) => return Some(why.clone()),
+                Phase::Done if their_eof => return None,
+                Phase::Opening => false,
+                Phase::Open | Phase::Done => true,
+            };
+            if open && (owed > 0 || owed_msgs > 0) && ahead.is_none() {
+                let _ = bus.publish(peer, credit_frame(owed, owed_msgs)).await;
+                (owed, owed_msgs) = (0, 0);
             }
-        };
-        heard = tokio::time::Instant::now();
-        let Some((&tag, body)) = msg.payload.split_first() else {
-            continue;
-        };
-        match tag {
-            DATA => {
-                if !reader_gone {
-                    match tokio::time::timeout(stalled, wr.write_all(body)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => {
-                            // Our reader left, so our own end follows from the
-                            // send pump, after whatever it still has to send (a
-                            // reset from here could overtake that). Until then
-                            // their data is taken and dropped.
-                            reader_gone = true;
-                        }
-                        Err(_) => {
+            let msg = if let Some(m) = ahead.take() {
+                m
+            } else {
+                tokio::select! {
+                    r = phase.changed(), if !phase_known => {
+                        // Gone once the send pump finished; its last word stays.
+                        phase_known = r.is_err();
+                        continue;
+                    }
+                    m = inbox.next() => match m {
+                        Some(m) => m,
+                        None => return Some("the message broker ended the session's queue".into()),
+                    },
+                    _ = lost.changed() => return Some("the connection to the message broker was lost".into()),
+                    _ = check.tick() => {
+                        if heard.elapsed() >= config.silence {
                             return Some(format!(
-                                "the client took nothing for {}s",
-                                stalled.as_secs()
+                                "the replica at the other end stopped answering for {}s",
+                                config.silence.as_secs()
                             ));
                         }
+                        continue;
                     }
                 }
-                owed += body.len() as u32;
-                owed_msgs += 1;
-                // Credit goes back in quarter windows while data keeps
-                // coming, and at once when nothing else is waiting, so a
-                // small exchange never waits for a quarter window to fill.
-                let quarter = owed >= config.window / 4 || owed_msgs >= MAX_MSGS / 4;
-                if !quarter {
-                    ahead = inbox.try_next();
+            };
+            heard = tokio::time::Instant::now();
+            let Some((&tag, body)) = msg.payload.split_first() else {
+                continue;
+            };
+            match tag {
+                DATA => {
+                    if !reader_gone {
+                        match tokio::time::timeout(stalled, wr.write_all(body)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => {
+                                // Our reader left, so our own end follows from the
+                                // send pump, after whatever it still has to send (a
+                                // reset from here could overtake that). Until then
+                                // their data is taken and dropped.
+                                reader_gone = true;
+                            }
+                            Err(_) => {
+                                return Some(format!(
+                                    "the client took nothing for {}s",
+                                    stalled.as_secs()
+                                ));
+                            }
+                        }
+                    }
+                    owed += body.len() as u32;
+                    owed_msgs += 1;
+                    // Credit goes back in quarter windows while data keeps
+                    // coming, and at once when nothing else is waiting (at
+                    // the top of the loop), so a small exchange never waits
+                    // for a quarter window to fill.
+                    let quarter = owed >= config.window / 4 || owed_msgs >= MAX_MSGS / 4;
+                    if !quarter {
+                        ahead = inbox.try_next();
+                    } else if *phase.borrow() != Phase::Opening {
+                        let _ = bus.publish(peer, credit_frame(owed, owed_msgs)).await;
+                        (owed, owed_msgs) = (0, 0);
+                    }
                 }
-                if quarter || ahead.is_none() {
-                    let _ = bus.publish(peer, credit_frame(owed, owed_msgs)).await;
-                    (owed, owed_msgs) = (0, 0);
+                CREDIT => {
+                    if let Ok(b) = <[u8; 8]>::try_from(body) {
+                        let bytes = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                        let msgs = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+                        credit.bytes.fetch_add(bytes as i64, Ordering::AcqRel);
+                        credit.msgs.fetch_add(msgs as i64, Ordering::AcqRel);
+                        credit.more.notify_one();
+                    }
                 }
-            }
-            CREDIT => {
-                if let Ok(b) = <[u8; 8]>::try_from(body) {
-                    let bytes = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-                    let msgs = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
-                    credit.bytes.fetch_add(bytes as i64, Ordering::AcqRel);
-                    credit.msgs.fetch_add(msgs as i64, Ordering::AcqRel);
-                    credit.more.notify_one();
+                EOF => {
+                    let _ = wr.shutdown().await;
+                    their_eof = true;
                 }
+                // After their end, a reset only says they stopped listening.
+                RESET if their_eof => return None,
+                RESET => {
+                    let why = String::from_utf8_lossy(body).into_owned();
+                    return Some(if why.is_empty() {
+                        "the other replica ended the session".into()
+                    } else {
+                        why
+                    });
+                }
+                _ => {}
             }
-            EOF => {
-                let _ = wr.shutdown().await;
-                their_eof = true;
-            }
-            // After their end, a reset only says they stopped listening.
-            RESET if their_eof => return None,
-            RESET => {
-                let why = String::from_utf8_lossy(body).into_owned();
-                return Some(if why.is_empty() {
-                    "the other replica ended the session".into()
-                } else {
-                    why
-                });
-            }
-            _ => {}
         }
     }
 }
@@ -387,25 +615,29 @@ mod tests {
         }
     }
 
-    async fn pair(broker: &MemoryBroker, window: u32) -> (Tunnel, Tunnel) {
+    /// A tunnel opened on "svc", and its far end, accepted once the first
+    /// bytes written to it arrive.
+    async fn pair(broker: &MemoryBroker, window: u32) -> (Tunnel, tokio::task::JoinHandle<Tunnel>) {
         let a = Bus::memory(broker);
         let b = Bus::memory(broker);
         let mut listener = b.subscribe("svc").await.unwrap();
         let server = tokio::spawn(async move {
             let m = listener.next().await.unwrap();
-            let r = parse_open(&m).unwrap();
-            accept(&b, &m, &r, config(window)).await.unwrap()
+            let (r, first) = parse_open(&m).unwrap();
+            accept(&b, &m, &r, first, config(window))
         });
-        let client = open(&a, "svc", request("s_test"), config(window))
-            .await
-            .unwrap();
-        (client, server.await.unwrap())
+        (open_on(&a, "svc", "s_test", window).await, server)
+    }
+
+    async fn open_on(bus: &Bus, subject: &str, id: &str, window: u32) -> Tunnel {
+        let inbox = bus.subscribe(&down(id)).await.unwrap();
+        open(bus, subject, request(id), config(window), inbox)
     }
 
     #[tokio::test]
     async fn carries_bytes_both_ways_and_ends_cleanly() {
         let broker = MemoryBroker::new();
-        let (mut a, mut b) = pair(&broker, 64 * 1024).await;
+        let (mut a, b) = pair(&broker, 64 * 1024).await;
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
         let sent = data.clone();
         let writer = tokio::spawn(async move {
@@ -415,6 +647,7 @@ mod tests {
             a.io.read_to_end(&mut back).await.unwrap();
             (back, a.ended)
         });
+        let mut b = b.await.unwrap();
         let mut got = Vec::new();
         b.io.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, data);
@@ -431,7 +664,7 @@ mod tests {
     async fn a_reader_that_stops_stops_the_writer_within_the_window() {
         let broker = MemoryBroker::new();
         let window = 128 * 1024;
-        let (mut a, mut b) = pair(&broker, window).await;
+        let (mut a, b) = pair(&broker, window).await;
         let written = Arc::new(AtomicUsize::new(0));
         let w = written.clone();
         let total = 4 * 1024 * 1024;
@@ -452,6 +685,7 @@ mod tests {
             stalled <= bound,
             "{stalled} bytes accepted with nobody reading (bound {bound})"
         );
+        let mut b = b.await.unwrap();
         let mut got = Vec::new();
         b.io.read_to_end(&mut got).await.unwrap();
         assert_eq!(got.len(), total);
@@ -463,17 +697,46 @@ mod tests {
     async fn nobody_listening_is_no_responders() {
         let broker = MemoryBroker::new();
         let a = Bus::memory(&broker);
-        match open(&a, "nobody", request("s_x"), config(65536)).await {
+        let mut t = open_on(&a, "nobody", "s_x", 65536).await;
+        t.io.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        match t.opened.take().unwrap().await.unwrap() {
             Err(OpenError::Bus(BusError::NoResponders(_))) => {}
-            other => panic!("expected no responders, got {:?}", other.err()),
+            other => panic!("expected no responders, got {other:?}"),
         }
+        // And the tunnel ends with that reason.
+        let mut rest = Vec::new();
+        let _ = t.io.read_to_end(&mut rest).await;
+        let why = t.ended.wait_for(|e| e.is_some()).await.unwrap().clone();
+        assert!(why.unwrap().contains("no replica listens"));
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_travel_with_the_open_request() {
+        let broker = MemoryBroker::new();
+        let a = Bus::memory(&broker);
+        let b = Bus::memory(&broker);
+        let mut listener = b.subscribe("svc").await.unwrap();
+        let mut t = open_on(&a, "svc", "s_first", 65536).await;
+        t.io.write_all(b"hello").await.unwrap();
+        let m = listener.next().await.unwrap();
+        let (r, first) = parse_open(&m).unwrap();
+        assert_eq!((r.id.as_str(), first.as_ref()), ("s_first", &b"hello"[..]));
+        // Nothing else goes up before the far side accepted.
+        t.io.write_all(b" world").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut far = accept(&b, &m, &r, first, config(65536));
+        assert_eq!(t.opened.take().unwrap().await.unwrap().ok(), Some(()));
+        let mut got = [0u8; 11];
+        far.io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello world");
     }
 
     #[tokio::test]
     async fn a_broker_restart_ends_both_sides_with_the_reason() {
         let broker = MemoryBroker::new();
-        let (mut a, mut b) = pair(&broker, 65536).await;
+        let (mut a, b) = pair(&broker, 65536).await;
         a.io.write_all(b"before").await.unwrap();
+        let mut b = b.await.unwrap();
         let mut buf = [0u8; 6];
         b.io.read_exact(&mut buf).await.unwrap();
         broker.restart();
@@ -494,14 +757,13 @@ mod tests {
         // Accepts, then never says anything again (a replica that froze).
         tokio::spawn(async move {
             let m = listener.next().await.unwrap();
-            let r = parse_open(&m).unwrap();
+            let (r, _) = parse_open(&m).unwrap();
             let _keep = b.subscribe(&up(&r.id)).await.unwrap();
             b.respond(&m, Bytes::from_static(b"ok")).await.unwrap();
             std::future::pending::<()>().await;
         });
-        let mut t = open(&a, "svc", request("s_silent"), config(65536))
-            .await
-            .unwrap();
+        let mut t = open_on(&a, "svc", "s_silent", 65536).await;
+        t.io.write_all(b"anyone?").await.unwrap();
         let mut rest = Vec::new();
         let _ = t.io.read_to_end(&mut rest).await;
         let why = t.ended.wait_for(|e| e.is_some()).await.unwrap().clone();
