@@ -34,6 +34,8 @@ struct Shared {
     replica: String,
     conn: Mutex<Option<Live>>,
     pending: Mutex<HashMap<String, oneshot::Sender<Bytes>>>,
+    /// Inboxes on the reply queue, by the id their messages carry.
+    inboxes: Mutex<HashMap<String, mpsc::Sender<Msg>>>,
     next: AtomicU64,
     lost: watch::Sender<u64>,
     up: AtomicBool,
@@ -77,6 +79,7 @@ impl Amqp {
             replica: replica.to_string(),
             conn: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
+            inboxes: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
             lost: watch::channel(0).0,
             up: AtomicBool::new(false),
@@ -234,6 +237,25 @@ impl Amqp {
             .map_err(|_| BusError::Down("the RabbitMQ connection was lost".into()))
     }
 
+    /// Messages sent to this replica's reply queue tagged with `id`.
+    pub fn inbox(&self, id: &str) -> Result<(String, Subscription), BusError> {
+        let live = self.live()?;
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        self.shared
+            .inboxes
+            .lock()
+            .expect("inboxes")
+            .insert(id.to_string(), tx);
+        let guard = LeaveInbox {
+            shared: Arc::downgrade(&self.shared),
+            id: id.to_string(),
+        };
+        Ok((
+            format!("{}|{id}", live.reply_queue),
+            Subscription::new(rx, guard),
+        ))
+    }
+
     /// `reply` is "QUEUE|CORRELATION-ID", as [`consume`] builds it.
     pub async fn respond(&self, reply: &str, payload: Bytes) -> Result<(), BusError> {
         let (queue, id) = reply.split_once('|').unwrap_or((reply, ""));
@@ -257,6 +279,20 @@ impl Amqp {
 
     pub fn is_up(&self) -> bool {
         self.shared.up.load(Ordering::Relaxed)
+    }
+}
+
+/// Forgets an inbox when its subscription is dropped.
+struct LeaveInbox {
+    shared: std::sync::Weak<Shared>,
+    id: String,
+}
+
+impl Drop for LeaveInbox {
+    fn drop(&mut self) {
+        if let Some(s) = self.shared.upgrade() {
+            s.inboxes.lock().expect("inboxes").remove(&self.id);
+        }
     }
 }
 
@@ -407,7 +443,7 @@ impl Shared {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(broker)?;
-        let reply_queue = format!("gatekey.reply.{}", shared.replica);
+        let reply_queue = reply_queue_name(&shared.replica);
         let replies_channel = connection.create_channel().await.map_err(broker)?;
         replies_channel
             .queue_declare(
@@ -443,6 +479,20 @@ impl Shared {
                     .unwrap_or_default();
                 if let Some(tx) = shared.pending.lock().expect("pending").remove(&id) {
                     let _ = tx.send(Bytes::from(d.data));
+                    continue;
+                }
+                let mut inboxes = shared.inboxes.lock().expect("inboxes");
+                if let Some(tx) = inboxes.get(&id) {
+                    let msg = Msg {
+                        subject: reply_queue_name(&shared.replica),
+                        reply: None,
+                        payload: Bytes::from(d.data),
+                    };
+                    // Never wait here: every answer to this replica comes
+                    // through this loop. An inbox that overflows ends.
+                    if tx.try_send(msg).is_err() {
+                        inboxes.remove(&id);
+                    }
                 }
             }
         });
@@ -456,6 +506,10 @@ impl Shared {
             err_rx,
         ))
     }
+}
+
+fn reply_queue_name(replica: &str) -> String {
+    format!("gatekey.reply.{replica}")
 }
 
 /// Re-makes the connection whenever it fails, for as long as the bus lives.
@@ -475,6 +529,7 @@ async fn supervise(shared: std::sync::Weak<Shared>, mut errors: mpsc::Receiver<S
             });
         }
         s.pending.lock().expect("pending").clear();
+        s.inboxes.lock().expect("inboxes").clear();
         s.idle.lock().expect("idle").clear();
         s.lost.send_modify(|n| *n += 1);
         drop(s);

@@ -175,6 +175,12 @@ impl Bus {
         }
     }
 
+    /// Whether each subscription is a queue the broker must create and
+    /// delete (RabbitMQ), which costs it milliseconds of work.
+    pub fn queues_are_costly(&self) -> bool {
+        matches!(&*self.inner, Inner::Amqp(_))
+    }
+
     /// Subscribes to a subject only this replica uses (an agent's, a
     /// session's, its own). On RabbitMQ this is an exclusive, auto-deleted
     /// queue named after the subject.
@@ -194,6 +200,30 @@ impl Bus {
                 subject: subject.to_string(),
                 timeout: SUBSCRIBE_TIMEOUT,
             })?
+    }
+
+    /// Where another replica can send this one the messages of session
+    /// `id`, and those messages. On NATS a subject of its own; on RabbitMQ
+    /// this replica's reply queue, the messages tagged with the id, so that
+    /// a request answered at once makes the broker create no queue (each
+    /// costs it milliseconds of work). Send with [`Bus::send_to`].
+    pub async fn inbox(&self, id: &str) -> Result<(String, Subscription), BusError> {
+        match &*self.inner {
+            Inner::Amqp(a) => a.inbox(id),
+            _ => {
+                let subject = format!("gatekey.inbox.{id}");
+                let sub = self.subscribe(&subject).await?;
+                Ok((subject, sub))
+            }
+        }
+    }
+
+    /// Sends to an address from [`Bus::inbox`].
+    pub async fn send_to(&self, address: &str, payload: Bytes) -> Result<(), BusError> {
+        match &*self.inner {
+            Inner::Amqp(a) => a.respond(address, payload).await,
+            _ => self.publish(address, payload).await,
+        }
     }
 
     /// Subscribes to a subject every replica hears (a broadcast).

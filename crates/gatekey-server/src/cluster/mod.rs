@@ -111,6 +111,9 @@ pub struct Cluster {
     nodes: Mutex<HashMap<String, (String, String, Instant)>>,
     /// Credentials seen valid recently (SHA-256 of the credential → when).
     callers: Mutex<HashMap<[u8; 32], Instant>>,
+    /// Requests answered at once being served here for another replica, by
+    /// session id: what stops one when its client went away.
+    serving: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
 }
 
 /// How long a credential checked here is not checked again before a
@@ -134,6 +137,7 @@ impl Cluster {
             router: OnceLock::new(),
             nodes: Mutex::new(HashMap::new()),
             callers: Mutex::new(HashMap::new()),
+            serving: Mutex::new(HashMap::new()),
         }
     }
 
@@ -159,6 +163,15 @@ impl Cluster {
         match failed {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// Stops serving a request answered at once whose client went away.
+    fn stop_serving(&self, msg: &Msg) {
+        if let Some(id) = tunnel::parse_cancel(msg)
+            && let Some(stop) = self.serving.lock().expect("serving").remove(id)
+        {
+            let _ = stop.send(());
         }
     }
 
@@ -391,6 +404,7 @@ async fn on_agent_message(state: &AppState, cluster: &Cluster, conn: &AgentConn,
                 tunnel::refuse(&cluster.bus, &msg, "the agent has just left this replica").await;
             }
         }
+        Some(b'X') => cluster.stop_serving(&msg),
         Some(&agent_op::PROBE) => {
             let alive = conn.mux.probe(state.config.liveness_probe_timeout).await;
             if !alive {
@@ -447,8 +461,27 @@ async fn serve_tunnel(state: &AppState, cluster: &Cluster, msg: &Msg) {
         .header_read_timeout(state.config.request_timeout)
         .serve_connection(hyper_util::rt::TokioIo::new(t.io), service)
         .with_upgrades();
-    if let Err(e) = conn.await {
-        tracing::debug!(error = %e, "tunnelled connection ended with an error");
+    // A request answered at once stops when its client's replica says
+    // nobody waits any more (it cannot otherwise tell).
+    let (stop_tx, stop) = tokio::sync::oneshot::channel();
+    let whole = request.reply_to.is_some();
+    if whole {
+        cluster
+            .serving
+            .lock()
+            .expect("serving")
+            .insert(request.id.clone(), stop_tx);
+    }
+    tokio::select! {
+        r = conn => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "tunnelled connection ended with an error");
+            }
+        }
+        Ok(()) = stop => tracing::debug!(session = %request.id, "the client went away"),
+    }
+    if whole {
+        cluster.serving.lock().expect("serving").remove(&request.id);
     }
 }
 
@@ -465,6 +498,7 @@ async fn listen_replica(state: AppState, first: Option<Subscription>) {
         tokio::spawn(async move {
             match msg.payload.first() {
                 Some(b'T') => serve_tunnel(&state, &cluster, &msg).await,
+                Some(b'X') => cluster.stop_serving(&msg),
                 Some(b'J') => {
                     let answer = match serde_json::from_slice::<Query>(&msg.payload[1..]) {
                         Ok(q) => answer(&state, &cluster, q),

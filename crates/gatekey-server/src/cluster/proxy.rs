@@ -73,20 +73,36 @@ pub async fn route(State(state): State<AppState>, req: Request, next: Next) -> R
         )
         .into_response()
     };
-    let (id, inbox) = match cluster.inboxes.take().await {
-        Ok(x) => x,
-        Err(e) => return unavailable(&e),
-    };
-    let open = OpenRequest {
-        id,
+    let mut open = OpenRequest {
+        id: String::new(),
         client_addr: addr,
         from_replica: cluster.replica.clone(),
         window: 0,
+        reply_to: None,
     };
-    let mut t = tunnel::open(&cluster.bus, &subject, open, cluster.tunnel, inbox);
+    // Where a session's queue costs the broker real work (RabbitMQ), a
+    // request answered at once does without one; on NATS a subject costs
+    // nothing, and the tunnel measured as fast.
+    let whole = cluster.bus.queues_are_costly()
+        && answered_at_once(&method, &path)
+        && body.len() <= MAX_WHOLE_BODY;
+    let mut t = if whole {
+        open.id = crate::live::new_session_id();
+        match tunnel::open_whole(&cluster.bus, &subject, open, cluster.tunnel).await {
+            Ok(t) => t,
+            Err(e) => return unavailable(&e),
+        }
+    } else {
+        let (id, inbox) = match cluster.inboxes.take().await {
+            Ok(x) => x,
+            Err(e) => return unavailable(&e),
+        };
+        open.id = id;
+        tunnel::open(&cluster.bus, &subject, open, cluster.tunnel, inbox)
+    };
     let opened = t.opened.take().expect("the opening side");
     let ended = t.ended.clone();
-    let e = match forward(&mut parts, body.clone(), t, label.clone()).await {
+    let e = match forward(&mut parts, body.clone(), whole, t, label.clone()).await {
         Ok(r) => return r,
         Err(e) => e,
     };
@@ -111,6 +127,21 @@ pub async fn route(State(state): State<AppState>, req: Request, next: Next) -> R
         }
     }
 }
+
+/// Requests answered at once: one message there, the answer back, no
+/// per-session queue (see `tunnel::open_whole`).
+fn answered_at_once(method: &Method, path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    matches!(
+        (method.as_str(), segments.as_slice()),
+        ("GET", ["api", "v1", "agents", _])
+            | ("POST", ["api", "v1", "agents", _, "exec"])
+            | ("DELETE", ["api", "v1", "sessions", _])
+    )
+}
+
+/// Larger bodies go through a tunnel with flow control both ways.
+const MAX_WHOLE_BODY: usize = 64 * 1024;
 
 /// Largest request body carried to another replica (the API's own limit
 /// for JSON bodies).
@@ -206,6 +237,7 @@ async fn destination(
 async fn forward(
     parts: &mut axum::http::request::Parts,
     body: Bytes,
+    whole: bool,
     t: tunnel::Tunnel,
     label: String,
 ) -> Result<Response, hyper::Error> {
@@ -213,6 +245,13 @@ async fn forward(
     *out.method_mut() = parts.method.clone();
     *out.uri_mut() = parts.uri.clone();
     *out.headers_mut() = parts.headers.clone();
+    if whole {
+        // The far replica's server ends its side once it answered.
+        out.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(t.io)).await?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;

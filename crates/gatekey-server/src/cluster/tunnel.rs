@@ -35,6 +35,8 @@ const CREDIT: u8 = 1;
 const EOF: u8 = 2;
 const RESET: u8 = 3;
 const PING: u8 = 4;
+/// Data, then EOF: the last bytes and the end in one message.
+const DATA_END: u8 = 5;
 
 /// Largest data message.
 const CHUNK: usize = 256 * 1024;
@@ -60,6 +62,11 @@ pub struct OpenRequest {
     /// The replica the client is connected to.
     pub from_replica: String,
     pub window: u32,
+    /// Set when the open request carries the whole request and the opening
+    /// side will send nothing more (see [`open_whole`]): where the answer
+    /// goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
 }
 
 /// One end of a tunnel: read and write `io`; `ended` says why it broke.
@@ -179,6 +186,7 @@ pub fn open(
         head,
         timeout: config.open_timeout,
         answer,
+        whole: None,
     };
     let mut t = start(
         bus.clone(),
@@ -190,6 +198,57 @@ pub fn open(
     );
     t.opened = Some(opened);
     t
+}
+
+/// Opens a tunnel for a request answered at once (an HTTP request whose
+/// body is already here): the first bytes written must be the whole
+/// request, and they go with the open request; the answer comes back to an
+/// [`Bus::inbox`], with no flow control (an answer is bounded by the API's
+/// own limits) and no per-session queue, so the broker does no more than
+/// carry two messages. Dropping the tunnel before the answer ended tells
+/// the far side to stop.
+pub async fn open_whole(
+    bus: &Bus,
+    subject: &str,
+    mut request: OpenRequest,
+    config: TunnelConfig,
+) -> Result<Tunnel, BusError> {
+    let (address, inbox) = bus.inbox(&request.id).await?;
+    request.window = config.window;
+    request.reply_to = Some(address);
+    let mut head = vec![b'T'];
+    head.extend(serde_json::to_vec(&request).expect("serializable"));
+    head.push(b'\n');
+    let (answer, opened) = oneshot::channel();
+    let opening = Opening {
+        subject: subject.to_string(),
+        head,
+        timeout: config.open_timeout,
+        answer,
+        whole: Some(request.id.clone()),
+    };
+    let mut t = start(
+        bus.clone(),
+        Inbox::Ready(inbox),
+        String::new(),
+        config,
+        Some(opening),
+        Bytes::new(),
+    );
+    t.opened = Some(opened);
+    Ok(t)
+}
+
+/// Tells the replica serving a request answered at once (see
+/// [`open_whole`]) that nobody waits for the answer any more.
+pub fn cancel_message(id: &str) -> Bytes {
+    frame(b'X', id.as_bytes())
+}
+
+/// The session id in a [`cancel_message`].
+pub fn parse_cancel(msg: &Msg) -> Option<&str> {
+    let id = std::str::from_utf8(msg.payload.strip_prefix(b"X")?).ok()?;
+    crate::cluster::valid_id(id).then_some(id)
 }
 
 /// Parses an open request (the message's payload starts with `T`): the
@@ -213,6 +272,12 @@ pub fn accept(
     mut config: TunnelConfig,
 ) -> Tunnel {
     config.window = request.window.clamp(CHUNK as u32, 64 << 20);
+    if let Some(address) = &request.reply_to {
+        let inbox = Inbox::Whole {
+            request: msg.clone(),
+        };
+        return start(bus.clone(), inbox, address.clone(), config, None, first);
+    }
     let inbox = Inbox::Accepting {
         subject: up(&request.id),
         request: msg.clone(),
@@ -265,6 +330,9 @@ struct Opening {
     head: Vec<u8>,
     timeout: Duration,
     answer: oneshot::Sender<Result<(), OpenError>>,
+    /// A request answered at once, with its session id: the open request
+    /// carries all of it, and nothing else is ever sent.
+    whole: Option<String>,
 }
 
 /// Where the far side's messages arrive.
@@ -273,6 +341,11 @@ enum Inbox {
     /// The accepting side: subscribe to `subject`, then answer `request`.
     Accepting {
         subject: String,
+        request: Msg,
+    },
+    /// The accepting side of a request answered at once: the opening side
+    /// sends nothing more, so there is nothing to listen to.
+    Whole {
         request: Msg,
     },
 }
@@ -288,17 +361,28 @@ fn start(
     let (user, inner) = tokio::io::duplex(CHUNK);
     let (ended_tx, ended) = watch::channel(None);
     let (rd, mut wr) = tokio::io::split(inner);
+    // An answer to a request answered at once needs no credit: the API
+    // bounds it, and the other side has no way to grant any.
+    let unbounded = matches!(inbox, Inbox::Whole { .. });
+    let (bytes, msgs) = if unbounded {
+        (i64::MAX / 4, i64::MAX / 4)
+    } else {
+        (config.window as i64, MAX_MSGS as i64)
+    };
     let credit = Arc::new(Credit {
-        bytes: AtomicI64::new(config.window as i64),
-        msgs: AtomicI64::new(MAX_MSGS as i64),
+        bytes: AtomicI64::new(bytes),
+        msgs: AtomicI64::new(msgs),
         more: Notify::new(),
     });
+    // The opening side of such a request says nothing after it.
+    let silent = opening.as_ref().is_some_and(|o| o.whole.is_some());
+    let answered = Arc::new(AtomicBool::new(false));
     let initial = if opening.is_some() {
         Phase::Opening
     } else {
         Phase::Open
     };
-    let (phase_tx, phase) = watch::channel(initial);
+    let (phase_tx, mut phase) = watch::channel(initial);
     let outbound = tokio::spawn(send_pump(
         bus.clone(),
         rd,
@@ -306,6 +390,7 @@ fn start(
         credit.clone(),
         phase_tx,
         opening,
+        answered.clone(),
     ));
     // Pings on their own clock, so a receiver busy writing to a slow local
     // reader still tells the far side it is alive.
@@ -314,14 +399,14 @@ fn start(
         let peer = peer.clone();
         let mut phase = phase.clone();
         tokio::spawn(async move {
-            if phase.wait_for(|p| *p != Phase::Opening).await.is_err() {
+            if silent || phase.wait_for(|p| *p != Phase::Opening).await.is_err() {
                 return;
             }
             let mut tick = tokio::time::interval(config.silence / 3);
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let _ = bus.publish(&peer, frame(PING, &[])).await;
+                let _ = bus.send_to(&peer, frame(PING, &[])).await;
             }
         })
     };
@@ -349,10 +434,25 @@ fn start(
                         return Some(why);
                     }
                 },
+                Inbox::Whole { request } => {
+                    if let Err(e) = bus.respond(&request, Bytes::from_static(b"ok")).await {
+                        return Some(e.to_string());
+                    }
+                    // Done when our answer is out, or cannot be sent.
+                    let mut lost = bus.lost();
+                    lost.borrow_and_update();
+                    return tokio::select! {
+                        _ = phase.wait_for(|p| *p == Phase::Done) => None,
+                        _ = lost.changed() => {
+                            Some("the connection to the message broker was lost".into())
+                        }
+                    };
+                }
             };
             let pump = Pump {
                 bus: &bus,
-                peer: &peer,
+                peer: (!silent).then_some(peer.as_str()),
+                answered: &answered,
                 credit: &credit,
                 config,
             };
@@ -367,8 +467,10 @@ fn start(
         }
         outbound.abort();
         drop(wr);
-        if let Some(why) = why {
-            let _ = bus.publish(&peer, frame(RESET, why.as_bytes())).await;
+        if let Some(why) = why
+            && !silent
+        {
+            let _ = bus.send_to(&peer, frame(RESET, why.as_bytes())).await;
         }
     });
     Tunnel {
@@ -388,6 +490,7 @@ async fn send_pump(
     credit: Arc<Credit>,
     phase: watch::Sender<Phase>,
     mut opening: Option<Opening>,
+    answered: Arc<AtomicBool>,
 ) {
     let mut buf = BytesMut::new();
     let has_credit =
@@ -416,12 +519,32 @@ async fn send_pump(
                     phase.send_replace(Phase::Refused(why));
                     return;
                 }
-                let _ = bus.publish(&peer, frame(EOF, &[])).await;
+                let _ = bus.send_to(&peer, frame(EOF, &[])).await;
                 phase.send_replace(Phase::Done);
                 return;
             }
             Ok(n) => n,
         };
+        // What else is already written goes in the same message (a whole
+        // request must), and an end that follows at once goes with it (so a
+        // short answer is one message, and ends before its reader can let go).
+        let mut n = n;
+        let mut end = false;
+        while n < max {
+            use futures_util::FutureExt;
+            let mut more = (&mut rd).take((max - n) as u64);
+            match more.read_buf(&mut buf).now_or_never() {
+                Some(Ok(0)) | Some(Err(_)) => {
+                    end = opening.is_none();
+                    break;
+                }
+                Some(Ok(m)) => n += m,
+                None => break,
+            }
+        }
+        if end {
+            buf[0] = DATA_END;
+        }
         credit.bytes.fetch_sub(n as i64, Ordering::AcqRel);
         credit.msgs.fetch_sub(1, Ordering::AcqRel);
         let payload = buf.split().freeze();
@@ -439,11 +562,23 @@ async fn send_pump(
                 phase.send_replace(Phase::Refused(why));
                 return;
             }
+            if let Some(id) = &o.whole {
+                phase.send_replace(Phase::Done);
+                let _ = o.answer.send(Ok(()));
+                // Nothing more goes out. If our user lets go before the
+                // answer ended, nobody waits for it: the far side stops.
+                let mut sink = [0u8; 1024];
+                while let Ok(1..) = rd.read(&mut sink).await {}
+                if !answered.load(Ordering::Acquire) {
+                    let _ = bus.publish(&o.subject, cancel_message(id)).await;
+                }
+                return;
+            }
             phase.send_replace(Phase::Open);
             let _ = o.answer.send(Ok(()));
             continue;
         }
-        if bus.publish(&peer, payload).await.is_err() {
+        if bus.send_to(&peer, payload).await.is_err() || end {
             phase.send_replace(Phase::Done);
             return;
         }
@@ -460,7 +595,10 @@ fn credit_frame(bytes: u32, msgs: u32) -> Bytes {
 /// What the receiving side works with.
 struct Pump<'a> {
     bus: &'a Bus,
-    peer: &'a str,
+    /// None when nothing may be sent back (a request answered at once).
+    peer: Option<&'a str>,
+    /// Set once their end arrived.
+    answered: &'a AtomicBool,
     credit: &'a Credit,
     config: TunnelConfig,
 }
@@ -495,8 +633,12 @@ impl Pump<'_> {
                 Phase::Opening => false,
                 Phase::Open | Phase::Done => true,
             };
-            if open && (owed > 0 || owed_msgs > 0) && ahead.is_none() {
-                let _ = bus.publish(peer, credit_frame(owed, owed_msgs)).await;
+            if open
+                && (owed > 0 || owed_msgs > 0)
+                && ahead.is_none()
+                && let Some(peer) = peer
+            {
+                let _ = bus.send_to(peer, credit_frame(owed, owed_msgs)).await;
                 (owed, owed_msgs) = (0, 0);
             }
             let msg = if let Some(m) = ahead.take() {
@@ -529,7 +671,12 @@ impl Pump<'_> {
                 continue;
             };
             match tag {
-                DATA => {
+                DATA | DATA_END => {
+                    if tag == DATA_END {
+                        // Before the bytes: their reader may let go once it
+                        // has them, and must not call the far side off.
+                        self.answered.store(true, Ordering::Release);
+                    }
                     if !reader_gone {
                         match tokio::time::timeout(stalled, wr.write_all(body)).await {
                             Ok(Ok(())) => {}
@@ -554,11 +701,20 @@ impl Pump<'_> {
                     // coming, and at once when nothing else is waiting (at
                     // the top of the loop), so a small exchange never waits
                     // for a quarter window to fill.
+                    if tag == DATA_END {
+                        // Nothing more comes, so no credit is owed.
+                        (owed, owed_msgs) = (0, 0);
+                        let _ = wr.shutdown().await;
+                        their_eof = true;
+                        continue;
+                    }
                     let quarter = owed >= config.window / 4 || owed_msgs >= MAX_MSGS / 4;
                     if !quarter {
                         ahead = inbox.try_next();
-                    } else if *phase.borrow() != Phase::Opening {
-                        let _ = bus.publish(peer, credit_frame(owed, owed_msgs)).await;
+                    } else if *phase.borrow() != Phase::Opening
+                        && let Some(peer) = peer
+                    {
+                        let _ = bus.send_to(peer, credit_frame(owed, owed_msgs)).await;
                         (owed, owed_msgs) = (0, 0);
                     }
                 }
@@ -572,6 +728,7 @@ impl Pump<'_> {
                     }
                 }
                 EOF => {
+                    self.answered.store(true, Ordering::Release);
                     let _ = wr.shutdown().await;
                     their_eof = true;
                 }
@@ -612,6 +769,7 @@ mod tests {
             client_addr: None,
             from_replica: "a".into(),
             window: 0,
+            reply_to: None,
         }
     }
 
@@ -772,5 +930,58 @@ mod tests {
             "{:?}",
             t.ended.borrow()
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_answered_at_once_is_one_message_each_way_and_can_be_called_off() {
+        let broker = MemoryBroker::new();
+        let a = Bus::memory(&broker);
+        let b = Bus::memory(&broker);
+        let mut listener = b.subscribe("svc").await.unwrap();
+        let server = {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let m = listener.next().await.unwrap();
+                let (r, first) = parse_open(&m).unwrap();
+                assert!(r.reply_to.is_some());
+                let far = accept(&b, &m, &r, first, config(65536));
+                (far, listener)
+            })
+        };
+        let mut t = open_whole(&a, "svc", request("s_whole"), config(65536))
+            .await
+            .unwrap();
+        t.io.write_all(b"the whole request").await.unwrap();
+        let (mut far, mut listener) = server.await.unwrap();
+        let mut got = [0u8; 17];
+        far.io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"the whole request");
+        assert_eq!(t.opened.take().unwrap().await.unwrap().ok(), Some(()));
+        // An answer larger than the window: it needs no credit.
+        let answer: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        far.io.write_all(&answer).await.unwrap();
+        far.io.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        t.io.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, answer);
+        let _ = t.ended.changed().await;
+        assert_eq!(*t.ended.borrow(), None);
+        drop(t);
+
+        // A second one, let go of before its answer: the far side is told.
+        let mut t = open_whole(&a, "svc", request("s_gone"), config(65536))
+            .await
+            .unwrap();
+        t.io.write_all(b"another").await.unwrap();
+        let m = listener.next().await.unwrap();
+        let (r, first) = parse_open(&m).unwrap();
+        let _far = accept(&b, &m, &r, first, config(65536));
+        assert_eq!(t.opened.take().unwrap().await.unwrap().ok(), Some(()));
+        drop(t);
+        let cancel = tokio::time::timeout(Duration::from_secs(2), listener.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(parse_cancel(&cancel), Some("s_gone"));
     }
 }
