@@ -59,7 +59,7 @@ pub async fn route(State(state): State<AppState>, req: Request, next: Next) -> R
         Err(e) => {
             return ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
+                "invalid_argument",
                 format!("cannot read the request body (at most {MAX_CARRIED_BODY} bytes): {e}"),
             )
             .into_response();
