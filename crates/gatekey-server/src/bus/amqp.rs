@@ -53,6 +53,14 @@ const PRIVATE_QUEUE: QueueDeclareOptions = QueueDeclareOptions {
     nowait: false,
 };
 
+/// This replica's only consumer of a queue; at most once, so no acks.
+const SOLE_CONSUMER: BasicConsumeOptions = BasicConsumeOptions {
+    no_local: false,
+    no_ack: true,
+    exclusive: true,
+    nowait: false,
+};
+
 /// Most idle channels kept.
 const IDLE_CHANNELS: usize = 32;
 
@@ -321,11 +329,7 @@ async fn consume(
         .basic_consume(
             queue.into(),
             "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                exclusive: true,
-                ..Default::default()
-            },
+            SOLE_CONSUMER,
             FieldTable::default(),
         )
         .await
@@ -457,11 +461,7 @@ impl Shared {
             .basic_consume(
                 reply_queue.as_str().into(),
                 "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    exclusive: true,
-                    ..Default::default()
-                },
+                SOLE_CONSUMER,
                 FieldTable::default(),
             )
             .await

@@ -172,32 +172,12 @@ impl Inboxes {
 pub fn open(
     bus: &Bus,
     subject: &str,
-    mut request: OpenRequest,
+    request: OpenRequest,
     config: TunnelConfig,
     inbox: Subscription,
 ) -> Tunnel {
-    request.window = config.window;
-    let mut head = vec![b'T'];
-    head.extend(serde_json::to_vec(&request).expect("serializable"));
-    head.push(b'\n');
-    let (answer, opened) = oneshot::channel();
-    let opening = Opening {
-        subject: subject.to_string(),
-        head,
-        timeout: config.open_timeout,
-        answer,
-        whole: None,
-    };
-    let mut t = start(
-        bus.clone(),
-        Inbox::Ready(inbox),
-        up(&request.id),
-        config,
-        Some(opening),
-        Bytes::new(),
-    );
-    t.opened = Some(opened);
-    t
+    let peer = up(&request.id);
+    opening(bus, subject, request, config, inbox, false, peer)
 }
 
 /// Opens a tunnel for a request answered at once (an HTTP request whose
@@ -214,8 +194,29 @@ pub async fn open_whole(
     config: TunnelConfig,
 ) -> Result<Tunnel, BusError> {
     let (address, inbox) = bus.inbox(&request.id).await?;
-    request.window = config.window;
     request.reply_to = Some(address);
+    Ok(opening(
+        bus,
+        subject,
+        request,
+        config,
+        inbox,
+        true,
+        String::new(),
+    ))
+}
+
+/// The opening side of either kind of tunnel.
+fn opening(
+    bus: &Bus,
+    subject: &str,
+    mut request: OpenRequest,
+    config: TunnelConfig,
+    inbox: Subscription,
+    whole: bool,
+    peer: String,
+) -> Tunnel {
+    request.window = config.window;
     let mut head = vec![b'T'];
     head.extend(serde_json::to_vec(&request).expect("serializable"));
     head.push(b'\n');
@@ -225,18 +226,18 @@ pub async fn open_whole(
         head,
         timeout: config.open_timeout,
         answer,
-        whole: Some(request.id.clone()),
+        whole: whole.then_some(request.id),
     };
     let mut t = start(
         bus.clone(),
         Inbox::Ready(inbox),
-        String::new(),
+        peer,
         config,
         Some(opening),
         Bytes::new(),
     );
     t.opened = Some(opened);
-    Ok(t)
+    t
 }
 
 /// Tells the replica serving a request answered at once (see
@@ -787,6 +788,14 @@ mod tests {
         (open_on(&a, "svc", "s_test", window).await, server)
     }
 
+    /// Reads a tunnel to its end and returns why it broke.
+    async fn end_reason(t: &mut Tunnel) -> String {
+        let mut rest = Vec::new();
+        let _ = t.io.read_to_end(&mut rest).await;
+        let why = t.ended.wait_for(|e| e.is_some()).await.unwrap().clone();
+        why.unwrap()
+    }
+
     async fn open_on(bus: &Bus, subject: &str, id: &str, window: u32) -> Tunnel {
         let inbox = bus.subscribe(&down(id)).await.unwrap();
         open(bus, subject, request(id), config(window), inbox)
@@ -862,10 +871,7 @@ mod tests {
             other => panic!("expected no responders, got {other:?}"),
         }
         // And the tunnel ends with that reason.
-        let mut rest = Vec::new();
-        let _ = t.io.read_to_end(&mut rest).await;
-        let why = t.ended.wait_for(|e| e.is_some()).await.unwrap().clone();
-        assert!(why.unwrap().contains("no replica listens"));
+        assert!(end_reason(&mut t).await.contains("no replica listens"));
     }
 
     #[tokio::test]
@@ -898,12 +904,8 @@ mod tests {
         let mut buf = [0u8; 6];
         b.io.read_exact(&mut buf).await.unwrap();
         broker.restart();
-        let mut rest = Vec::new();
-        let _ = a.io.read_to_end(&mut rest).await;
-        let why = a.ended.wait_for(|e| e.is_some()).await.unwrap().clone();
-        assert!(why.unwrap().contains("message broker"));
-        let why = b.ended.wait_for(|e| e.is_some()).await.unwrap().clone();
-        assert!(why.unwrap().contains("message broker"));
+        assert!(end_reason(&mut a).await.contains("message broker"));
+        assert!(end_reason(&mut b).await.contains("message broker"));
     }
 
     #[tokio::test]
@@ -922,14 +924,8 @@ mod tests {
         });
         let mut t = open_on(&a, "svc", "s_silent", 65536).await;
         t.io.write_all(b"anyone?").await.unwrap();
-        let mut rest = Vec::new();
-        let _ = t.io.read_to_end(&mut rest).await;
-        let why = t.ended.wait_for(|e| e.is_some()).await.unwrap().clone();
-        assert!(
-            why.unwrap().contains("stopped answering"),
-            "{:?}",
-            t.ended.borrow()
-        );
+        let why = end_reason(&mut t).await;
+        assert!(why.contains("stopped answering"), "{why}");
     }
 
     #[tokio::test]
