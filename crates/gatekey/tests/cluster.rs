@@ -123,6 +123,61 @@ fn session_queues(broker: Broker, id: &str) -> Option<Vec<String>> {
     )
 }
 
+/// Sends requests one after the other on one HTTP/1.1 connection, each
+/// after the last answer; returns each answer's status and head. Panics if
+/// the connection closes before every answer came.
+async fn on_one_connection(c: &Cluster, requests: &[&str]) -> Vec<(u16, String)> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let endpoint = gatekey_proto::transport::Endpoint::parse(&c.url).unwrap();
+    let tls = gatekey_proto::transport::client_config(Some(&c.ca_cert)).unwrap();
+    let s = gatekey_proto::transport::connect_tls(&endpoint, tls, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut s = BufReader::new(s);
+    let mut answers = Vec::new();
+    for r in requests {
+        let body = if r.starts_with("POST") {
+            r#"{"command":"true"}"#
+        } else {
+            ""
+        };
+        let req = format!(
+            "{r} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            c.addr,
+            c.admin_key,
+            body.len()
+        );
+        s.get_mut().write_all(req.as_bytes()).await.unwrap();
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            let n = s.read_line(&mut line).await.unwrap();
+            assert!(
+                n > 0,
+                "the connection closed before answering {r:?}; so far {answers:?}"
+            );
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no Content-Length in {head}"));
+        let mut body = vec![0u8; length];
+        s.read_exact(&mut body).await.unwrap();
+        answers.push((status, head));
+    }
+    answers
+}
+
 fn exec_across(broker: Broker) {
     let Some(rs) = start(broker) else { return };
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -141,6 +196,20 @@ fn exec_across(broker: Broker) {
     assert_code(&out, 3);
     assert_eq!(stdout(&out), "out-5\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("err"));
+    // A client's keep-alive connection outlives answers carried from the
+    // agent's replica (RabbitMQ's one-message path closes its own side).
+    let answers = rt.block_on(on_one_connection(
+        &rs.r[0],
+        &[
+            "GET /api/v1/agents/gw-far",
+            "POST /api/v1/agents/gw-far/exec",
+            "GET /api/v1/agents/gw-far",
+        ],
+    ));
+    for (status, head) in &answers {
+        assert_eq!(*status, 200, "{head}");
+        assert!(!head.to_ascii_lowercase().contains("connection:"), "{head}");
+    }
     // 20 MB intact through the broker.
     let out = rs.r[2].admin_run(&["session", "exec", "gw-far", "head -c 20000000 /dev/zero"]);
     assert_code(&out, 0);

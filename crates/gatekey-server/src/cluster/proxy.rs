@@ -270,7 +270,38 @@ async fn forward(
         });
         return Ok(resp.map(|_| Body::empty()));
     }
+    drop_hop_by_hop(resp.headers_mut());
     Ok(resp.map(Body::new))
+}
+
+/// Removes what described the connection between the replicas (RFC 9110
+/// section 7.6.1) from an answer carried back: the far replica's
+/// `Connection: close` (a request answered at once) would otherwise close
+/// the client's own keep-alive connection after every request.
+fn drop_hop_by_hop(headers: &mut axum::http::HeaderMap) {
+    use axum::http::header;
+    let named: Vec<header::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| header::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
 }
 
 /// Copies both ways between the client and the far replica. When the
@@ -413,6 +444,21 @@ impl FrameTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_headers_stay_between_the_replicas() {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert("connection", "close, x-hop".parse().unwrap());
+        h.insert("x-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        h.insert("x-request-id", "r1".parse().unwrap());
+        drop_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["content-type", "x-request-id"]);
+    }
 
     #[test]
     fn frame_boundaries_are_followed_across_reads() {
