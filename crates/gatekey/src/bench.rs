@@ -50,6 +50,8 @@ pub struct Sizes {
     pub fanout_agents: usize,
     pub fanout_rounds: usize,
     pub echo_runs: usize,
+    /// The cluster scenario's one broker (`nats` or `rabbitmq`); both if None.
+    pub broker: Option<&'static str>,
 }
 
 impl Sizes {
@@ -64,6 +66,7 @@ impl Sizes {
         fanout_agents: 1000,
         fanout_rounds: 5,
         echo_runs: 2000,
+        broker: None,
     };
     pub const SMOKE: Sizes = Sizes {
         smoke: true,
@@ -76,6 +79,7 @@ impl Sizes {
         fanout_agents: 20,
         fanout_rounds: 2,
         echo_runs: 50,
+        broker: None,
     };
 }
 
@@ -116,9 +120,10 @@ impl Row {
 
 fn usage() -> i32 {
     eprintln!(
-        "usage: gatekey-bench [all | smoke | [smoke] SCENARIO...] [--agents N]\n\
+        "usage: gatekey-bench [all | smoke | [smoke] SCENARIO...] [--agents N] [--broker NAME]\n\
          scenarios: {} (capacity = idle-agents)\n\
-         --agents N: simulated agents for idle-agents (one step), reconnect-storm and fan-out",
+         --agents N: simulated agents for idle-agents (one step), reconnect-storm and fan-out\n\
+         --broker nats|rabbitmq: the cluster scenario over that broker only",
         SCENARIOS.join(", ")
     );
     2
@@ -138,11 +143,21 @@ pub fn main() -> i32 {
         }
         args.drain(i..i + 2);
     }
+    let mut broker = None;
+    if let Some(i) = args.iter().position(|a| a == "--broker") {
+        match args.get(i + 1).map(String::as_str) {
+            Some("nats") => broker = Some("nats"),
+            Some("rabbitmq") => broker = Some("rabbitmq"),
+            _ => return usage(),
+        }
+        args.drain(i..i + 2);
+    }
     let smoke = args.first().is_some_and(|a| a == "smoke");
     if smoke || args.first().is_some_and(|a| a == "all") {
         args.remove(0);
     }
     let mut sizes = if smoke { Sizes::SMOKE } else { Sizes::FULL };
+    sizes.broker = broker;
     if let Some(n) = agents {
         sizes.capacity_steps = Vec::leak(vec![n]);
         sizes.storm_agents = n;
@@ -164,6 +179,9 @@ pub fn main() -> i32 {
     };
     if let Some(n) = agents {
         label.push_str(&format!("-{n}-agents"));
+    }
+    if let Some(b) = broker {
+        label.push_str(&format!("-{b}"));
     }
     if scenarios.is_empty() {
         scenarios = SCENARIOS.to_vec();

@@ -21,6 +21,9 @@ const BROKERS: &[(&str, &str, &str)] = &[
 pub(crate) fn cluster(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -> Vec<Row> {
     let mut rows = Vec::new();
     for &(name, addr, url) in BROKERS {
+        if sizes.broker.is_some_and(|b| b != name) {
+            continue;
+        }
         let reachable = addr.parse().ok().is_some_and(|a| {
             std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok()
         });

@@ -175,6 +175,17 @@ impl Bus {
         }
     }
 
+    /// The largest data message worth sending through this broker.
+    /// nats-server reads at most 64 KiB at a time and copies a message that
+    /// spans two reads into a fresh allocation: 16 KiB messages cost it a
+    /// quarter less CPU than 256 KiB ones. RabbitMQ's cost is per message.
+    pub fn message_size(&self) -> usize {
+        match &*self.inner {
+            Inner::Nats(_) => 16 * 1024,
+            Inner::Memory(_) | Inner::Amqp(_) => 256 * 1024,
+        }
+    }
+
     /// Whether each subscription is a queue the broker must create and
     /// delete (RabbitMQ), which costs it milliseconds of work.
     pub fn queues_are_costly(&self) -> bool {

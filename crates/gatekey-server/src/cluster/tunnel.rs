@@ -38,7 +38,8 @@ const PING: u8 = 4;
 /// Data, then EOF: the last bytes and the end in one message.
 const DATA_END: u8 = 5;
 
-/// Largest data message.
+/// Largest data message (the bus may want them smaller) and the size of
+/// each side's buffer.
 const CHUNK: usize = 256 * 1024;
 
 /// Tunnel settings.
@@ -505,7 +506,7 @@ async fn send_pump(
             wait.await;
         }
         let available = credit.bytes.load(Ordering::Acquire);
-        let max = (available as usize).min(CHUNK);
+        let max = (available as usize).min(bus.message_size().min(CHUNK));
         let head: &[u8] = opening.as_ref().map_or(&[DATA], |o| &o.head);
         // Each message is its own allocation, handed to the broker client
         // without another copy.
