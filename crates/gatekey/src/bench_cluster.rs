@@ -93,7 +93,10 @@ pub(crate) fn cluster(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -
             ));
             rows.push(Row::new(
                 scenario,
-                format!("{what} {} MiB, across replicas, median of {rounds}", n >> 20),
+                format!(
+                    "{what} {} MiB, across replicas, median of {rounds}",
+                    n >> 20
+                ),
                 format!("{:.0} MB/s", mb(across)),
                 "",
             ));
