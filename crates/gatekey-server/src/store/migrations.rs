@@ -75,12 +75,36 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
 ];
 
-pub async fn run(pool: &AnyPool) -> Result<()> {
+/// Applies what is missing. On PostgreSQL one replica at a time (an
+/// advisory lock per schema, released with the connection), so replicas
+/// started together on an empty database do not race to create tables.
+pub async fn run(pool: &AnyPool, sqlite: bool) -> Result<()> {
+    let mut conn = pool.acquire().await?;
+    const LOCK_KEY: &str = "hashtext('gatekey.migrations.' || current_schema())";
+    if !sqlite {
+        sqlx::query(&format!("SELECT pg_advisory_lock({LOCK_KEY})"))
+            .execute(&mut *conn)
+            .await?;
+    }
+    let applied = apply(&mut conn).await;
+    if !sqlite {
+        let unlocked = sqlx::query(&format!("SELECT pg_advisory_unlock({LOCK_KEY})"))
+            .execute(&mut *conn)
+            .await;
+        if unlocked.is_err() {
+            // Closing the connection releases the lock.
+            conn.detach();
+        }
+    }
+    applied
+}
+
+async fn apply(conn: &mut sqlx::AnyConnection) -> Result<()> {
     sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)")
-        .execute(pool)
+        .execute(&mut *conn)
         .await?;
     for (version, sql) in MIGRATIONS {
-        let mut tx = pool.begin().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let done: Option<i64> =
             sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
                 .bind(*version)

@@ -165,7 +165,7 @@ impl Store {
             audit_head: Default::default(),
             sqlite,
         };
-        migrations::run(&store.pool).await?;
+        migrations::run(&store.pool, sqlite).await?;
         Ok(store)
     }
 

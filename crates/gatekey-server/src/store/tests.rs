@@ -329,6 +329,11 @@ async fn postgres_store() {
         .unwrap();
     let sep = if base.contains('?') { '&' } else { '?' };
     let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
+    // Replicas started together on an empty database all come up.
+    let opened = futures_util::future::join_all((0..4).map(|_| Store::open(&url))).await;
+    for o in opened {
+        o.unwrap();
+    }
     let store = Store::open(&url).await.unwrap();
     exercise(&store, &url).await;
     drop(store);
