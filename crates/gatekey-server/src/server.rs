@@ -200,7 +200,12 @@ async fn bootstrap_admin(store: &Store, config: &Config) -> Result<Option<String
         created_at: now_ms(),
         updated_at: now_ms(),
     };
-    store.create_user(&user).await?;
+    match store.create_user(&user).await {
+        Ok(()) => {}
+        // Another replica starting at the same moment made it first.
+        Err(crate::store::StoreError::Conflict(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
     let key = secret::generate(secret::API_KEY_PREFIX);
     store
         .create_api_key(&ApiKey {
