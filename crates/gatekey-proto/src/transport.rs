@@ -86,9 +86,29 @@ impl Endpoint {
     }
 }
 
-/// The crypto provider every gatekey TLS configuration uses.
+/// The crypto provider every gatekey TLS configuration uses: ring's suites,
+/// AES-128-GCM first. It is TLS 1.3's mandatory suite and what Go, BoringSSL
+/// and the browsers prefer; with 10 AES rounds instead of 14 it costs about a
+/// fifth less CPU per byte than AES-256-GCM, and every byte of a session is
+/// encrypted twice and decrypted twice on its way (measured in
+/// docs/performance.md). Clients choose (rustls servers follow the client's
+/// order), so gatekey's own agent and CLI ask for it first.
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| !is_aes128_gcm(s.suite()));
+    Arc::new(provider)
+}
+
+fn is_aes128_gcm(suite: rustls::CipherSuite) -> bool {
+    use rustls::CipherSuite as S;
+    matches!(
+        suite,
+        S::TLS13_AES_128_GCM_SHA256
+            | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+    )
 }
 
 /// Reads every certificate in a PEM file.
@@ -252,6 +272,28 @@ pub fn peer_addr(stream: &TlsStream<Tcp>) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aes128_gcm_is_preferred_and_no_suite_is_lost() {
+        let ours: Vec<_> = crypto_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(ours[0], rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let mut defaults: Vec<_> = rustls::crypto::ring::default_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        let mut sorted = ours.clone();
+        sorted.sort_by_key(|s| u16::from(*s));
+        defaults.sort_by_key(|s| u16::from(*s));
+        assert_eq!(sorted, defaults);
+        // Within each TLS version, every AES-128-GCM suite precedes the others.
+        let first_other = ours.iter().position(|s| !is_aes128_gcm(*s)).unwrap();
+        assert!(ours[first_other..].iter().all(|s| !is_aes128_gcm(*s)));
+    }
 
     #[test]
     fn endpoints() {

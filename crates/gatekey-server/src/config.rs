@@ -75,6 +75,9 @@ pub struct Config {
     pub replica_timeout: Duration,
     /// Bytes in flight per direction of a cross-replica session.
     pub bus_window: u32,
+    /// On PostgreSQL, how long a starting replica waits for another one that
+    /// is migrating the same schema before it gives up.
+    pub migration_lock_timeout: Duration,
     pub log_level: String,
 }
 
@@ -111,6 +114,7 @@ impl Default for Config {
             replica_id: None,
             replica_timeout: Duration::from_secs(15),
             bus_window: 4 * 1024 * 1024,
+            migration_lock_timeout: Duration::from_secs(60),
             log_level: "info".into(),
         }
     }
@@ -163,6 +167,8 @@ struct FileConfig {
     #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
     replica_timeout: Option<Duration>,
     bus_window: Option<u32>,
+    #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
+    migration_lock_timeout: Option<Duration>,
     log_level: Option<String>,
 }
 
@@ -209,6 +215,7 @@ impl Config {
             login_key_ttl,
             replica_timeout,
             bus_window,
+            migration_lock_timeout,
             log_level
         );
         if let Some(v) = f.tls_san {
@@ -344,6 +351,9 @@ impl Config {
         }
         if let Some(v) = num("GATEKEY_BUS_WINDOW")? {
             self.bus_window = v.min(u32::MAX as u64) as u32;
+        }
+        if let Some(v) = dur("GATEKEY_MIGRATION_LOCK_TIMEOUT")? {
+            self.migration_lock_timeout = v;
         }
         if let Some(v) = lookup("GATEKEY_LOG_LEVEL") {
             self.log_level = v;

@@ -47,7 +47,7 @@ impl Server {
                 config.data_dir.display()
             ))
         })?;
-        let store = Store::open(&config.database_url()).await?;
+        let store = Store::open_with(&config.database_url(), config.migration_lock_timeout).await?;
         let admin_token = bootstrap_admin(&store, &config).await?;
         let (tls_config, ca_cert) = tls::server_config(&config)?;
         let listener = TcpListener::bind(config.listen)

@@ -433,7 +433,16 @@ fn exec_latency(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -> Vec<
 /// stdin (into `cat > /dev/null`), through `gatekey-admin session exec` on
 /// `agent`: the time each took.
 pub(crate) fn exec_throughput(c: &Cluster, agent: &str, n: u64) -> (Duration, Duration) {
-    let devnull = || std::fs::File::create("/dev/null").expect("/dev/null");
+    (stdout_transfer(c, agent, n), stdin_transfer(c, agent, n))
+}
+
+fn devnull() -> std::fs::File {
+    std::fs::File::create("/dev/null").expect("/dev/null")
+}
+
+/// `head -c N /dev/zero` on `agent` through `gatekey-admin session exec`
+/// into /dev/null: the time it took.
+fn stdout_transfer(c: &Cluster, agent: &str, n: u64) -> Duration {
     let t = Instant::now();
     let st = c
         .admin()
@@ -442,8 +451,13 @@ pub(crate) fn exec_throughput(c: &Cluster, agent: &str, n: u64) -> (Duration, Du
         .stdout(devnull())
         .status()
         .expect("cli");
-    let down = t.elapsed();
+    let took = t.elapsed();
     assert!(st.success());
+    took
+}
+
+/// `n` bytes of stdin into `cat > /dev/null` on `agent`: the time it took.
+fn stdin_transfer(c: &Cluster, agent: &str, n: u64) -> Duration {
     let mut head = Command::new("head")
         .args(["-c", &n.to_string(), "/dev/zero"])
         .stdout(Stdio::piped())
@@ -457,21 +471,80 @@ pub(crate) fn exec_throughput(c: &Cluster, agent: &str, n: u64) -> (Duration, Du
         .stdout(devnull())
         .status()
         .expect("cli");
-    let up = t.elapsed();
+    let took = t.elapsed();
     let _ = head.wait();
     assert!(st.success());
-    (down, up)
+    took
 }
 
-/// Stdout and stdin throughput through gatekey, then the same through ssh.
+/// CPU time used so far by each process of a transfer.
+#[derive(Clone, Copy)]
+struct TransferCpu {
+    control_plane: Duration,
+    agent: Duration,
+    /// The remote command (`sh`, `head`): children the agent has reaped.
+    command: Duration,
+    /// `gatekey-admin`: children this bench has reaped.
+    cli: Duration,
+}
+
+impl TransferCpu {
+    fn now(server: u32, agent: u32) -> TransferCpu {
+        TransferCpu {
+            control_plane: cpu_time(server),
+            agent: cpu_time(agent),
+            command: children_cpu_time(agent),
+            cli: own_children_cpu_time(),
+        }
+    }
+
+    fn since(self, before: TransferCpu) -> TransferCpu {
+        TransferCpu {
+            control_plane: self.control_plane.saturating_sub(before.control_plane),
+            agent: self.agent.saturating_sub(before.agent),
+            command: self.command.saturating_sub(before.command),
+            cli: self.cli.saturating_sub(before.cli),
+        }
+    }
+
+    fn total(&self) -> Duration {
+        self.control_plane + self.agent + self.command + self.cli
+    }
+}
+
+/// `head -c N /dev/zero | cat > /dev/null` on this machine: the same bytes
+/// through one pipe, with no network, TLS or framing. No tool that moves
+/// them between processes can beat it here.
+fn local_pipe(n: u64) -> (Duration, Duration) {
+    let before = own_children_cpu_time();
+    let t = Instant::now();
+    let st = Command::new("sh")
+        .args(["-c", &format!("head -c {n} /dev/zero | cat > /dev/null")])
+        .status()
+        .expect("sh");
+    let took = t.elapsed();
+    assert!(st.success());
+    (took, own_children_cpu_time().saturating_sub(before))
+}
+
+/// Stdout and stdin throughput through gatekey, then the same through ssh,
+/// and the local pipe they are bounded by.
 fn throughput(bins: &Bins, sizes: Sizes) -> Vec<Row> {
     let c = Cluster::start(bins);
-    let (_, _agent) = c.agent("mesh hub", "hub-1", true);
+    let (_, agent) = c.agent("mesh hub", "hub-1", true);
     let n = sizes.throughput_bytes;
-    let (down, up) = exec_throughput(&c, "hub-1", n);
+    let server = c.server_pid().expect("control plane running");
+    let before = TransferCpu::now(server, agent.pid());
+    let down = stdout_transfer(&c, "hub-1", n);
+    let cpu = TransferCpu::now(server, agent.pid()).since(before);
+    let up = stdin_transfer(&c, "hub-1", n);
+    drop(agent);
     drop(c);
+    let (pipe, pipe_cpu) = local_pipe(n);
     let mb_s = |d: Duration| n as f64 / d.as_secs_f64() / 1e6;
     let mbps = |d: Duration| format!("{:.0} MB/s", mb_s(d));
+    // CPU seconds per GB moved, the unit that says where the time goes.
+    let per_gb = |d: Duration| d.as_secs_f64() * 1e9 / n as f64;
     let mut rows = vec![
         Row::new(
             "throughput",
@@ -483,6 +556,31 @@ fn throughput(bins: &Bins, sizes: Sizes) -> Vec<Row> {
             "throughput",
             format!("stdin, {} MiB", n >> 20),
             mbps(up),
+            "",
+        ),
+        Row::new(
+            "throughput",
+            "stdout, CPU-s per GB: control plane / agent / head / CLI = total",
+            format!(
+                "{:.2} / {:.2} / {:.2} / {:.2} = {:.2}",
+                per_gb(cpu.control_plane),
+                per_gb(cpu.agent),
+                per_gb(cpu.command),
+                per_gb(cpu.cli),
+                per_gb(cpu.total())
+            ),
+            "",
+        ),
+        Row::new(
+            "throughput",
+            format!("local pipe, no network: head -c {} MiB | cat", n >> 20),
+            mbps(pipe),
+            "",
+        ),
+        Row::new(
+            "throughput",
+            "local pipe, CPU-s per GB",
+            format!("{:.2}", per_gb(pipe_cpu)),
             "",
         ),
     ];
@@ -540,16 +638,35 @@ pub(crate) fn rss_kib(pid: u32) -> u64 {
 
 /// User plus system CPU time a process has used so far.
 pub(crate) fn cpu_time(pid: u32) -> Duration {
+    stat_ticks(pid, 11) + stat_ticks(pid, 12)
+}
+
+/// CPU time of the children a process has waited for.
+fn children_cpu_time(pid: u32) -> Duration {
+    stat_ticks(pid, 13) + stat_ticks(pid, 14)
+}
+
+/// Field `i` (counted after the command name, which may contain spaces) of
+/// /proc/PID/stat, in clock ticks (100 per second on Linux).
+fn stat_ticks(pid: u32, i: usize) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces): utime and
-    // stime are the 12th and 13th, in clock ticks (100 per second on Linux).
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = rest
+    let ticks = rest
         .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        .nth(i)
+        .and_then(|x| x.parse::<u64>().ok())
+        .unwrap_or(0);
     Duration::from_millis(ticks * 10)
+}
+
+/// CPU time of this process's children that have been waited for.
+fn own_children_cpu_time() -> Duration {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        .expect("getrusage");
+    let tv = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    tv(usage.user_time()) + tv(usage.system_time())
 }
 
 /// The soft RLIMIT_NOFILE of a process, from /proc (to check what the

@@ -131,13 +131,17 @@ pub async fn route(State(state): State<AppState>, req: Request, next: Next) -> R
 /// Requests answered at once: one message there, the answer back, no
 /// per-session queue (see `tunnel::open_whole`).
 fn answered_at_once(method: &Method, path: &str) -> bool {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     matches!(
-        (method.as_str(), segments.as_slice()),
+        (method.as_str(), segments(path).as_slice()),
         ("GET", ["api", "v1", "agents", _])
             | ("POST", ["api", "v1", "agents", _, "exec"])
             | ("DELETE", ["api", "v1", "sessions", _])
     )
+}
+
+/// A request path's segments, for matching routes.
+fn segments(path: &str) -> Vec<&str> {
+    path.trim_start_matches('/').split('/').collect()
 }
 
 /// Larger bodies go through a tunnel with flow control both ways.
@@ -149,9 +153,8 @@ const MAX_CARRIED_BODY: usize = 2 << 20;
 
 /// Paths that may have to be served by another replica.
 fn routable(method: &Method, path: &str) -> bool {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     matches!(
-        (method.as_str(), segments.as_slice()),
+        (method.as_str(), segments(path).as_slice()),
         ("GET", ["api", "v1", "agents", _])
             | ("POST", ["api", "v1", "agents", _, "exec"])
             | ("GET", ["ws", "v1", "agents", _, "exec" | "console"])

@@ -2,6 +2,8 @@
 //! transaction, and is recorded in `schema_migrations`. The SQL is written
 //! for both SQLite and PostgreSQL.
 
+use std::time::Duration;
+
 use sqlx::AnyPool;
 
 use super::{Result, StoreError, now_ms};
@@ -77,14 +79,13 @@ const MIGRATIONS: &[(i64, &str)] = &[
 
 /// Applies what is missing. On PostgreSQL one replica at a time (an
 /// advisory lock per schema, released with the connection), so replicas
-/// started together on an empty database do not race to create tables.
-pub async fn run(pool: &AnyPool, sqlite: bool) -> Result<()> {
+/// started together on an empty database do not race to create tables. A
+/// replica waits at most `lock_timeout` for the lock: a holder that hangs
+/// must not keep every other replica from starting, silently.
+pub async fn run(pool: &AnyPool, sqlite: bool, lock_timeout: Duration) -> Result<()> {
     let mut conn = pool.acquire().await?;
-    const LOCK_KEY: &str = "hashtext('gatekey.migrations.' || current_schema())";
     if !sqlite {
-        sqlx::query(&format!("SELECT pg_advisory_lock({LOCK_KEY})"))
-            .execute(&mut *conn)
-            .await?;
+        lock(&mut conn, lock_timeout).await?;
     }
     let applied = apply(&mut conn).await;
     if !sqlite {
@@ -97,6 +98,30 @@ pub async fn run(pool: &AnyPool, sqlite: bool) -> Result<()> {
         }
     }
     applied
+}
+
+const LOCK_KEY: &str = "hashtext('gatekey.migrations.' || current_schema())";
+
+/// Takes the migration lock, trying again every 100 ms until `timeout`.
+async fn lock(conn: &mut sqlx::AnyConnection, timeout: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let got: bool = sqlx::query_scalar(&format!("SELECT pg_try_advisory_lock({LOCK_KEY})"))
+            .fetch_one(&mut *conn)
+            .await?;
+        if got {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StoreError::Migration(format!(
+                "another replica has held the migration lock of this schema for over {} \
+                 (waiting is bounded by migration_lock_timeout); if no replica is starting, \
+                 find the session holding it in pg_locks (locktype 'advisory')",
+                gatekey_proto::duration::format(timeout)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn apply(conn: &mut sqlx::AnyConnection) -> Result<()> {

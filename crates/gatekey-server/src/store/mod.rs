@@ -132,8 +132,18 @@ const NODE_COLUMNS: &str = "id, name, node_type, token_lookup, token_hash, sessi
      last_seen_at, last_addr, agent_version, hostname, agent_session_enabled";
 
 impl Store {
-    /// Connects (creating a SQLite file if missing) and migrates.
+    /// Connects (creating a SQLite file if missing) and migrates, waiting
+    /// up to a minute for another replica that is migrating.
     pub async fn open(url: &str) -> Result<Store> {
+        Store::open_with(url, std::time::Duration::from_secs(60)).await
+    }
+
+    /// [`open`](Self::open), waiting at most `migration_lock_timeout` for
+    /// another replica's migration (PostgreSQL).
+    pub async fn open_with(
+        url: &str,
+        migration_lock_timeout: std::time::Duration,
+    ) -> Result<Store> {
         sqlx::any::install_default_drivers();
         let sqlite = url.starts_with("sqlite:");
         let pool = AnyPoolOptions::new()
@@ -165,7 +175,7 @@ impl Store {
             audit_head: Default::default(),
             sqlite,
         };
-        migrations::run(&store.pool, sqlite).await?;
+        migrations::run(&store.pool, sqlite, migration_lock_timeout).await?;
         Ok(store)
     }
 

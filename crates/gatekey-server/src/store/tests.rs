@@ -334,6 +334,27 @@ async fn postgres_store() {
     for o in opened {
         o.unwrap();
     }
+    // A replica that holds the migration lock and hangs stops another from
+    // starting only for migration_lock_timeout, with a message that says so.
+    let mut holder = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let lock = "hashtext('gatekey.migrations.' || current_schema())";
+    sqlx::query(&format!("SELECT pg_advisory_lock({lock})"))
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let refused = Store::open_with(&url, std::time::Duration::from_millis(300)).await;
+    let Err(StoreError::Migration(why)) = refused else {
+        panic!("opened while another replica held the migration lock");
+    };
+    assert!(why.contains("migration_lock_timeout"), "{why}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    sqlx::query(&format!("SELECT pg_advisory_unlock({lock})"))
+        .execute(&mut holder)
+        .await
+        .unwrap();
     let store = Store::open(&url).await.unwrap();
     exercise(&store, &url).await;
     drop(store);
