@@ -114,7 +114,7 @@ impl Default for Config {
             replica_id: None,
             replica_timeout: Duration::from_secs(15),
             bus_window: 4 * 1024 * 1024,
-            migration_lock_timeout: Duration::from_secs(60),
+            migration_lock_timeout: crate::store::DEFAULT_MIGRATION_LOCK_TIMEOUT,
             log_level: "info".into(),
         }
     }

@@ -100,7 +100,8 @@ pub async fn run(pool: &AnyPool, sqlite: bool, lock_timeout: Duration) -> Result
     applied
 }
 
-const LOCK_KEY: &str = "hashtext('gatekey.migrations.' || current_schema())";
+/// The advisory lock that one migrating replica holds (per schema).
+pub(super) const LOCK_KEY: &str = "hashtext('gatekey.migrations.' || current_schema())";
 
 /// Takes the migration lock, trying again every 100 ms until `timeout`.
 async fn lock(conn: &mut sqlx::AnyConnection, timeout: Duration) -> Result<()> {

@@ -118,6 +118,10 @@ pub struct AgentSeen<'a> {
 pub use audit::{AuditFilter, AuditRecord, NewAuditRecord, Verification};
 pub use identity::{ApiKey, User};
 
+/// How long a starting replica waits, by default, for another one that is
+/// migrating the same PostgreSQL schema (`migration_lock_timeout`).
+pub const DEFAULT_MIGRATION_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
@@ -133,9 +137,10 @@ const NODE_COLUMNS: &str = "id, name, node_type, token_lookup, token_hash, sessi
 
 impl Store {
     /// Connects (creating a SQLite file if missing) and migrates, waiting
-    /// up to a minute for another replica that is migrating.
+    /// up to [`DEFAULT_MIGRATION_LOCK_TIMEOUT`] for another replica that is
+    /// migrating.
     pub async fn open(url: &str) -> Result<Store> {
-        Store::open_with(url, std::time::Duration::from_secs(60)).await
+        Store::open_with(url, DEFAULT_MIGRATION_LOCK_TIMEOUT).await
     }
 
     /// [`open`](Self::open), waiting at most `migration_lock_timeout` for

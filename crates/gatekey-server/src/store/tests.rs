@@ -339,13 +339,20 @@ async fn postgres_store() {
     let mut holder = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
         .await
         .unwrap();
-    let lock = "hashtext('gatekey.migrations.' || current_schema())";
+    let lock = migrations::LOCK_KEY;
     sqlx::query(&format!("SELECT pg_advisory_lock({lock})"))
         .execute(&mut holder)
         .await
         .unwrap();
     let started = std::time::Instant::now();
-    let refused = Store::open_with(&url, std::time::Duration::from_millis(300)).await;
+    // Bounded here too, so a wait that ignores the timeout fails the test
+    // instead of hanging it.
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        Store::open_with(&url, std::time::Duration::from_millis(300)),
+    )
+    .await
+    .expect("the migration lock wait ignored migration_lock_timeout");
     let Err(StoreError::Migration(why)) = refused else {
         panic!("opened while another replica held the migration lock");
     };
