@@ -292,6 +292,16 @@ async fn serve(state: AppState, node: Node, addr: SocketAddr, mut ws: ServerWs) 
             })),
         )
         .await;
+    // Should this control plane die with the link, another writes its end.
+    let link_key = format!("agent:{}:{}", state.instance, conn.conn_id);
+    let lost = agent_record("agent.disconnected", &node, addr).detail(serde_json::json!({
+        "type": node.node_type.as_str(),
+        "reason": crate::lease::REASON_CONTROL_PLANE_LOST,
+        "message": "the control plane holding this agent's link stopped (killed, crashed or its host lost)",
+    }));
+    if let Err(e) = state.owe_close(&link_key, &lost).await {
+        tracing::warn!(agent = %node.name, error = %e, "cannot note the record owed for this link");
+    }
 
     let reason = mux.closed().await;
     // Stop answering for it at once: it may already be connecting elsewhere.
@@ -301,7 +311,7 @@ async fn serve(state: AppState, node: Node, addr: SocketAddr, mut ws: ServerWs) 
         tracing::warn!(agent = %node.name, error = %e, "cannot record when the agent was last seen");
     }
     tracing::info!(agent = %node.name, %addr, "agent disconnected: {reason}");
-    state
+    let written = state
         .audit_after(
             agent_record("agent.disconnected", &node, addr).detail(serde_json::json!({
                 "type": node.node_type.as_str(),
@@ -310,6 +320,11 @@ async fn serve(state: AppState, node: Node, addr: SocketAddr, mut ws: ServerWs) 
             })),
         )
         .await;
+    // Unwritten, the note stays, and the link's end is recorded (as lost)
+    // once this control plane stops.
+    if written && let Err(e) = state.store.close_written(&link_key).await {
+        tracing::warn!(agent = %node.name, error = %e, "cannot drop the note of a closed link");
+    }
 }
 
 fn agent_record(action: &str, node: &Node, addr: SocketAddr) -> NewAuditRecord {

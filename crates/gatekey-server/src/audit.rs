@@ -71,22 +71,54 @@ impl NewAuditRecord {
 impl State {
     /// Records an action; the caller must not acknowledge it unless this
     /// succeeds.
+    ///
+    /// A session's opening also notes the record that closes it should this
+    /// control plane die first (crate::lease), and its closing drops the
+    /// note.
     pub async fn audit(&self, record: NewAuditRecord) -> ApiResult<()> {
-        self.store
-            .append_audit(&record)
-            .await
-            .map(drop)
-            .map_err(|e| {
+        let owed = crate::lease::closing_of_session(&record);
+        let note = async {
+            match &owed {
+                Some((key, closing)) => self.owe_close(key, closing).await,
+                None => Ok(()),
+            }
+        };
+        let (appended, noted) = tokio::join!(self.store.append_audit(&record), note);
+        match appended.map(drop).and(noted) {
+            Ok(()) => {
+                self.closed(&record);
+                Ok(())
+            }
+            Err(e) => {
                 tracing::error!(error = %e, action = %record.action, "audit record not written");
-                ApiError::internal(format!("the audit record could not be written: {e}"))
-            })
+                Err(ApiError::internal(format!(
+                    "the audit record could not be written: {e}"
+                )))
+            }
+        }
     }
 
     /// Records something that has already happened (an agent went away, a
-    /// session ended on its own); a failure is logged loudly.
-    pub async fn audit_after(&self, record: NewAuditRecord) {
-        if let Err(e) = self.store.append_audit(&record).await {
-            tracing::error!(error = %e, action = %record.action, "audit record lost");
+    /// session ended on its own); a failure is logged loudly. Returns
+    /// whether the record was written.
+    pub async fn audit_after(&self, record: NewAuditRecord) -> bool {
+        match self.store.append_audit(&record).await {
+            Ok(_) => {
+                self.closed(&record);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, action = %record.action, "audit record lost");
+                false
+            }
+        }
+    }
+
+    fn closed(&self, record: &NewAuditRecord) {
+        if record.action == "session.closed"
+            && let Some(id) = &record.session_id
+        {
+            self.close_written(crate::lease::session_key(id));
         }
     }
 }

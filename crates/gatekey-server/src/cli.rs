@@ -101,7 +101,9 @@ pub fn main() -> i32 {
             Err(e) => {
                 eprintln!("gatekey-server: {e}");
                 return match e {
-                    crate::Error::Config(_) | crate::Error::Tls(_) => exit::CONFIG,
+                    crate::Error::Config(_)
+                    | crate::Error::Tls(_)
+                    | crate::Error::Bus(crate::bus::BusError::IdTaken(_)) => exit::CONFIG,
                     _ => exit::RUNTIME,
                 };
             }

@@ -12,6 +12,7 @@ pub mod bus;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod lease;
 pub mod live;
 pub mod password;
 pub mod registry;

@@ -71,12 +71,18 @@ impl Server {
                     silence: config.replica_timeout,
                     open_timeout: config.session_open_timeout,
                 };
-                Some(Arc::new(crate::cluster::Cluster::new(
+                let cluster = crate::cluster::Cluster::new(
                     bus,
-                    replica,
+                    replica.clone(),
                     tunnel,
                     config.replica_timeout / 3,
-                )))
+                );
+                // Two replicas with one id would both answer for it, and this
+                // one would close the other's sessions in the audit log.
+                if config.replica_id.is_some() && cluster.id_answers().await {
+                    return Err(crate::bus::BusError::IdTaken(replica).into());
+                }
+                Some(Arc::new(cluster))
             }
             None => None,
         };
@@ -86,7 +92,9 @@ impl Server {
             registry: Registry::default(),
             sessions: Default::default(),
             cluster,
+            instance: secret::random_hex(8),
         });
+        crate::lease::start(&state).await?;
         tokio::spawn(crate::audit::retention(state.clone()));
         Ok(Server {
             state,
@@ -181,6 +189,7 @@ impl Server {
                 .close(close::GOING_AWAY, "control plane shutting down");
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        crate::lease::settle(&state, std::time::Duration::from_secs(3)).await;
         connections.abort_all();
     }
 }

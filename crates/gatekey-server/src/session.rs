@@ -180,7 +180,7 @@ pub async fn record_open_failed(state: &AppState, caller: &Caller, live: &Live, 
                     "duration_ms": crate::store::now_ms() - live.started_at_ms,
                 })),
         )
-        .await
+        .await;
 }
 
 /// What a new session on `target` looks like in the live table.

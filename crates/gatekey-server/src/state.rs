@@ -14,6 +14,9 @@ pub struct State {
     pub sessions: Sessions,
     /// Other replicas, when this is one of several (`bus_url`).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// This process among all control planes that ever ran on the database
+    /// (its lease, crate::lease).
+    pub instance: String,
 }
 
 pub type AppState = Arc<State>;

@@ -213,6 +213,12 @@ impl Cluster {
         }
     }
 
+    /// The arguments this control plane was started with (beyond
+    /// `--listen` and `--data-dir`).
+    pub fn server_args(&self) -> &[String] {
+        &self.server_args
+    }
+
     pub fn server_pid(&self) -> Option<u32> {
         self.server.as_ref().map(|c| c.id())
     }

@@ -404,6 +404,21 @@ fn failures(broker: Broker) {
         near.send("echo still-$((5*5))\r").await;
         near.output_contains("still-25").await;
     });
+    // The killed replica wrote no closing records; a survivor writes them
+    // once its lease runs out.
+    wait_until(
+        Duration::from_secs(30),
+        "the closing records the killed replica owed",
+        || {
+            let lost = lost_records(&rs.r[client]);
+            lost.iter().any(|r| r["action"] == "session.closed")
+                && lost
+                    .iter()
+                    .any(|r| r["action"] == "agent.disconnected" && r["agent"] == "gw-lost")
+        },
+    );
+    // A replica started with a running replica's id is refused.
+    refused_with_taken_id(&rs.r[other], &format!("r{}", client + 1));
     // The agent is back through another replica, and reachable from both.
     wait_until(
         Duration::from_secs(60),
@@ -454,6 +469,51 @@ fn failures(broker: Broker) {
     }
     // The audit chain survived all of it.
     rs.r[via].admin_ok(&["audit", "verify"]);
+}
+
+/// Audit records written for a control plane that died (reason
+/// `control_plane_lost`), asked of `c`.
+fn lost_records(c: &Cluster) -> Vec<serde_json::Value> {
+    let out = c.admin_ok(&["audit", "list", "--limit", "1000", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let items = v.as_array().or_else(|| v["items"].as_array()).cloned();
+    items
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r["detail"]["reason"] == "control_plane_lost")
+        .collect()
+}
+
+/// Starts one more replica like `like`, but with the id of a running one,
+/// and checks it exits at once saying why.
+fn refused_with_taken_id(like: &Cluster, taken: &str) {
+    let mut args = like.server_args().to_vec();
+    let at = args.iter().position(|a| a == "--replica-id").unwrap() + 1;
+    args[at] = taken.to_string();
+    let data = like.dir.join("twin");
+    let mut child = std::process::Command::new(&like.bins.server)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            child.kill().ok();
+            panic!("a replica with the taken id {taken} started");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(78), "{err}");
+    assert!(err.contains("already used by a running replica"), "{err}");
 }
 
 #[test]

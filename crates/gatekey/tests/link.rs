@@ -19,10 +19,43 @@ fn agent_reconnects_after_control_plane_restart() {
     c.restart_server(false);
     c.wait_for_agent("hub-1", true, &agent);
     assert_code(&c.admin_run(&["session", "exec", "hub-1", "true"]), 0);
-    // Crash: the agent finds the link dead and comes back too.
+    // Crash in the middle of a session: the agent finds the link dead and
+    // comes back too, and the restarted control plane writes the closing
+    // records the killed one owed.
+    let mut running = c
+        .admin()
+        .args(["session", "exec", "hub-1", "sleep 600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the session to run", || {
+        c.admin_ok(&["session", "active", "-o", "json"])
+            .contains("sleep 600")
+    });
     c.restart_server(true);
+    let _ = running.wait();
     c.wait_for_agent("hub-1", true, &agent);
     assert_code(&c.admin_run(&["session", "exec", "hub-1", "echo back"]), 0);
+    let lost = |action: &str| -> Vec<serde_json::Value> {
+        let out = c.admin_ok(&["audit", "list", "--action", action, "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let items = v.as_array().or_else(|| v["items"].as_array()).cloned();
+        items
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r["detail"]["reason"] == "control_plane_lost")
+            .collect()
+    };
+    let sessions = lost("session.closed");
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(sessions[0]["detail"]["command"], "sleep 600");
+    assert_eq!(sessions[0]["outcome"], "failed");
+    let links = lost("agent.disconnected");
+    assert_eq!(links.len(), 1, "{links:?}");
+    assert_eq!(links[0]["agent"], "hub-1");
+    c.admin_ok(&["audit", "verify"]);
     assert!(
         agent.log_text().contains("WebSocket"),
         "agent log should name the WebSocket connection:\n{}",

@@ -456,7 +456,13 @@ impl Shared {
                 FieldTable::default(),
             )
             .await
-            .map_err(broker)?;
+            .map_err(|e| {
+                if is_locked(&e) {
+                    BusError::IdTaken(shared.replica.clone())
+                } else {
+                    broker(e)
+                }
+            })?;
         let mut replies = replies_channel
             .basic_consume(
                 reply_queue.as_str().into(),
@@ -506,6 +512,14 @@ impl Shared {
             err_rx,
         ))
     }
+}
+
+/// RabbitMQ's answer to declaring an exclusive queue another connection
+/// holds.
+fn is_locked(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(a)
+        if matches!(a.kind(), AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED)))
 }
 
 fn reply_queue_name(replica: &str) -> String {

@@ -71,6 +71,11 @@ pub enum BusError {
     Broker(String),
     #[error("invalid bus_url: {0}")]
     Url(String),
+    /// Another running replica uses this replica's id.
+    #[error(
+        "replica_id {0:?} is already used by a running replica on this bus: give each replica its own replica_id (or leave it unset for a random one)"
+    )]
+    IdTaken(String),
 }
 
 /// A connection to the replicas' message bus.

@@ -240,6 +240,13 @@ impl Cluster {
         serde_json::from_slice(&answer).map_err(|e| BusError::Broker(e.to_string()))
     }
 
+    /// Whether a running replica answers to this replica's id (asked before
+    /// this one listens on it).
+    pub async fn id_answers(&self) -> bool {
+        let probe = Query::HasSession { id: String::new() };
+        self.ask(&self.replica, &probe).await.is_ok()
+    }
+
     /// Asks every live peer at once; peers that fail are logged and left out.
     async fn gather(&self, query: &Query) -> Vec<(String, serde_json::Value)> {
         let peers = self.live_peers();

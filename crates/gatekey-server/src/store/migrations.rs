@@ -75,6 +75,31 @@ const MIGRATIONS: &[(i64, &str)] = &[
         at BIGINT NOT NULL
     )",
     ),
+    (
+        3,
+        // Running control planes with their lease, and the closing records
+        // each owes if it dies (store/owed.rs).
+        "CREATE TABLE control_planes (
+        instance TEXT PRIMARY KEY,
+        replica_id TEXT NOT NULL,
+        started_at BIGINT NOT NULL,
+        seen_at BIGINT NOT NULL
+    );
+    CREATE TABLE owed_closes (
+        close_key TEXT PRIMARY KEY,
+        instance TEXT NOT NULL,
+        opened_at BIGINT NOT NULL,
+        action TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        user_name TEXT,
+        remote_addr TEXT,
+        agent TEXT,
+        session_id TEXT,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX owed_closes_instance ON owed_closes(instance);
+    CREATE INDEX audit_log_session ON audit_log(session_id)",
+    ),
 ];
 
 /// Applies what is missing. On PostgreSQL one replica at a time (an

@@ -9,6 +9,7 @@
 mod audit;
 mod identity;
 mod migrations;
+mod owed;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -117,6 +118,7 @@ pub struct AgentSeen<'a> {
 
 pub use audit::{AuditFilter, AuditRecord, NewAuditRecord, Verification};
 pub use identity::{ApiKey, User};
+pub use owed::{DeadInstance, OwedClose};
 
 /// How long a starting replica waits, by default, for another one that is
 /// migrating the same PostgreSQL schema (`migration_lock_timeout`).

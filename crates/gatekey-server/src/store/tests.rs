@@ -134,6 +134,103 @@ async fn exercise(store: &Store, url: &str) {
     assert!(store.api_key("k1").await.unwrap().is_none());
 
     audit_chain(store, url).await;
+    owed_closes(store).await;
+}
+
+/// Closing records owed by control planes: taken once, and only those of
+/// instances no longer registered.
+async fn owed_closes(store: &Store) {
+    let closing = |id: &str| NewAuditRecord {
+        action: "session.closed".into(),
+        outcome: "failed",
+        user: Some("alice".into()),
+        remote_addr: Some("127.0.0.1:9".into()),
+        agent: Some("hub-1".into()),
+        session_id: Some(id.into()),
+        detail: serde_json::json!({"reason": "control_plane_lost", "command": "sleep 9"}),
+    };
+    let now = now_ms();
+    store.instance_started("dead", "r1", 1_000).await.unwrap();
+    store.instance_started("live", "r2", now).await.unwrap();
+    for (key, instance) in [
+        ("session:a", "dead"),
+        ("session:b", "dead"),
+        ("session:c", "live"),
+    ] {
+        let id = key.trim_start_matches("session:");
+        store.owe_close(key, instance, &closing(id)).await.unwrap();
+    }
+    // Both still registered: nothing to take.
+    assert!(store.take_orphaned_closes().await.unwrap().is_empty());
+    store.close_written("session:b").await.unwrap();
+    // The silent one expires once, and never the one asking.
+    let dead = store.expire_instances("live", now - 10_000).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        (dead[0].instance.as_str(), dead[0].replica_id.as_str()),
+        ("dead", "r1")
+    );
+    assert!(
+        store
+            .expire_instances("live", now - 10_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let taken = store.take_orphaned_closes().await.unwrap();
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    let t = &taken[0];
+    assert_eq!((t.key.as_str(), t.instance.as_str()), ("session:a", "dead"));
+    let r = &t.record;
+    assert_eq!((r.action.as_str(), r.outcome), ("session.closed", "failed"));
+    assert_eq!(r.user.as_deref(), Some("alice"));
+    assert_eq!(r.remote_addr.as_deref(), Some("127.0.0.1:9"));
+    assert_eq!(r.agent.as_deref(), Some("hub-1"));
+    assert_eq!(r.session_id.as_deref(), Some("a"));
+    assert_eq!(r.detail["command"], "sleep 9");
+    assert!(store.take_orphaned_closes().await.unwrap().is_empty());
+
+    // Takers at the same moment take each note once.
+    for i in 0..20 {
+        let key = format!("session:g{i}");
+        store.owe_close(&key, "gone", &closing(&key)).await.unwrap();
+    }
+    let (one, two) = tokio::join!(store.take_orphaned_closes(), store.take_orphaned_closes());
+    let mut keys: Vec<String> = one
+        .unwrap()
+        .into_iter()
+        .chain(two.unwrap())
+        .map(|o| o.key)
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 20);
+
+    // A lease taken for dead is registered again at the next renewal.
+    exec_sql(store, "DELETE FROM control_planes WHERE instance = 'live'").await;
+    assert!(!store.instance_alive("live", "r2", now).await.unwrap());
+    assert!(store.instance_alive("live", "r2", now).await.unwrap());
+    // A restarted replica declares its predecessor with the same id dead.
+    store.instance_started("old-r2", "r2", now).await.unwrap();
+    store.instance_started("r3", "r3", now).await.unwrap();
+    store.predecessors_dead("live", Some("r2")).await.unwrap();
+    let dead = store.expire_instances("live", now - 10_000).await.unwrap();
+    assert_eq!(
+        dead.iter().map(|d| d.instance.as_str()).collect::<Vec<_>>(),
+        ["old-r2"]
+    );
+    // Alone on its database, every other instance is dead.
+    store.predecessors_dead("live", None).await.unwrap();
+    let dead = store.expire_instances("live", now - 10_000).await.unwrap();
+    assert_eq!(
+        dead.iter().map(|d| d.instance.as_str()).collect::<Vec<_>>(),
+        ["r3"]
+    );
+    exec_sql(store, "DELETE FROM control_planes WHERE instance = 'live'").await;
+
+    assert!(!store.session_closed("z").await.unwrap());
+    store.append_audit(&closing("z")).await.unwrap();
+    assert!(store.session_closed("z").await.unwrap());
 }
 
 fn rec(action: &str, user: &str) -> NewAuditRecord {
