@@ -20,7 +20,7 @@ use crate::api::error::{ApiError, ApiResult};
 use crate::registry::AgentConn;
 use crate::server::RemoteAddr;
 use crate::state::AppState;
-use crate::store::{AgentSeen, NewAuditRecord, Node, now_ms};
+use crate::store::{AgentSeen, NewAuditRecord, Node, Note, now_ms};
 use crate::ws::{self, ServerWs};
 use crate::{auth, secret};
 
@@ -106,21 +106,11 @@ async fn upgrade_checked(
             .mux
             .close(close::DUPLICATE, "replaced by a new connection");
         state.registry.remove_conn(&node.id, holder.conn_id);
-    } else if let Some(cluster) = &state.cluster {
-        // Another replica may hold it: it answers for its link.
-        let wait = state.config.liveness_probe_timeout + std::time::Duration::from_secs(1);
-        if let Ok(answer) = cluster
-            .ask_agent(&node.id, crate::cluster::agent_op::PROBE, wait)
-            .await
-            && answer.as_ref() == b"alive"
-        {
-            tracing::warn!(agent = %node.name, %addr, "second connection for an agent live on another replica refused");
-            return Err(ApiError::conflict(format!(
-                "agent {} is already connected to another control-plane replica and still answers; refusing a second connection with the same token",
-                node.name
-            )));
-        }
     }
+    let claim = match &state.cluster {
+        Some(cluster) => Some(claim_link(state, cluster, &node, addr).await?),
+        None => None,
+    };
 
     let up = ws::prepare(&mut req, &[])?;
     let response = up.response();
@@ -132,11 +122,113 @@ async fn upgrade_checked(
             .max_message_size(Some(limits::MAX_LINK_MESSAGE))
             .max_frame_size(Some(limits::MAX_LINK_MESSAGE));
         match up.into_ws(config).await {
-            Ok(ws) => serve(state, node, addr, ws).await,
+            Ok(ws) => serve(state, node, addr, ws, claim).await,
             Err(e) => tracing::warn!(%addr, error = %e, "agent WebSocket upgrade failed"),
         }
     });
     Ok(response)
+}
+
+/// How long a claim may be held by a replica not yet listening for its
+/// agent on the bus (it is between claiming and subscribing).
+const CLAIM_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Across replicas, one link per node is settled in the database: the claim
+/// is atomic, and a claim held elsewhere is taken over only once its holder
+/// says its link is dead, nobody listens for the agent any more, or the
+/// holder's lease has run out.
+async fn claim_link(
+    state: &AppState,
+    cluster: &crate::cluster::Cluster,
+    node: &Node,
+    addr: SocketAddr,
+) -> ApiResult<LinkClaim> {
+    let store = &state.store;
+    let conn_id = state.registry.next_conn_id();
+    let link = format!("{}:{conn_id}", state.instance);
+    let now = now_ms();
+    let claim = |link: String| LinkClaim {
+        store: store.clone(),
+        node_id: node.id.clone(),
+        link,
+        conn_id,
+    };
+    let Some(holder) = store
+        .claim_agent(&node.id, &state.instance, &link, now)
+        .await?
+    else {
+        return Ok(claim(link));
+    };
+    let lease_cutoff = now - state.config.replica_timeout.as_millis() as i64;
+    // This replica's own earlier link was settled by the check above.
+    let take_over = holder.instance == state.instance
+        || {
+            let wait = state.config.liveness_probe_timeout + std::time::Duration::from_secs(1);
+            match cluster
+                .ask_agent(&node.id, crate::cluster::agent_op::PROBE, wait)
+                .await
+            {
+                Ok(answer) if answer.as_ref() == b"alive" => {
+                    tracing::warn!(agent = %node.name, %addr, "second connection for an agent live on another replica refused");
+                    return Err(ApiError::conflict(format!(
+                        "agent {} is already connected to another control-plane replica and still answers; refusing a second connection with the same token",
+                        node.name
+                    )));
+                }
+                // Its holder found it dead and closed it.
+                Ok(_) => true,
+                Err(crate::bus::BusError::NoResponders(_)) => {
+                    now - holder.claimed_at > CLAIM_SETTLE.as_millis() as i64
+                        || !store.instance_live(&holder.instance, lease_cutoff).await?
+                }
+                Err(e) => {
+                    if store.instance_live(&holder.instance, lease_cutoff).await? {
+                        return Err(ApiError::conflict(format!(
+                            "agent {} is held by another control-plane replica that cannot be asked whether its link is alive ({e}); refusing a second connection with the same token until it answers or its lease runs out",
+                            node.name
+                        )));
+                    }
+                    true
+                }
+            }
+        };
+    if take_over
+        && store
+            .take_agent_claim(&node.id, &holder.link, &state.instance, &link, now)
+            .await?
+    {
+        tracing::info!(agent = %node.name, %addr, previous = %holder.link, "took over the agent's link claim");
+        return Ok(claim(link));
+    }
+    Err(ApiError::conflict(format!(
+        "agent {} is connecting through another control-plane replica at this moment; refusing a second connection with the same token",
+        node.name
+    )))
+}
+
+/// This replica's claim on an agent's link; released when dropped.
+struct LinkClaim {
+    store: crate::store::Store,
+    node_id: String,
+    link: String,
+    conn_id: u64,
+}
+
+impl Drop for LinkClaim {
+    fn drop(&mut self) {
+        let (store, node_id, link) = (
+            self.store.clone(),
+            std::mem::take(&mut self.node_id),
+            std::mem::take(&mut self.link),
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = store.release_agent(&node_id, &link).await {
+                    tracing::warn!(error = %e, "cannot release an agent link claim; it lapses with this replica's lease");
+                }
+            });
+        }
+    }
 }
 
 async fn close_ws(mut ws: ServerWs, code: u16, reason: &str) {
@@ -163,7 +255,13 @@ async fn read_hello(state: &AppState, ws: &mut ServerWs) -> Result<Hello, String
     }
 }
 
-async fn serve(state: AppState, node: Node, addr: SocketAddr, mut ws: ServerWs) {
+async fn serve(
+    state: AppState,
+    node: Node,
+    addr: SocketAddr,
+    mut ws: ServerWs,
+    claim: Option<LinkClaim>,
+) {
     let hello = match read_hello(&state, &mut ws).await {
         Ok(h) => h,
         Err(e) => {
@@ -243,7 +341,9 @@ async fn serve(state: AppState, node: Node, addr: SocketAddr, mut ws: ServerWs) 
     };
     let (mux, _) = Mux::start(ws, mux_config, Side::Opener);
     let conn = Arc::new(AgentConn {
-        conn_id: state.registry.next_conn_id(),
+        conn_id: claim
+            .as_ref()
+            .map_or_else(|| state.registry.next_conn_id(), |c| c.conn_id),
         node_id: node.id.clone(),
         name: node.name.clone(),
         node_type: node.node_type,
@@ -282,26 +382,30 @@ async fn serve(state: AppState, node: Node, addr: SocketAddr, mut ws: ServerWs) 
         version = %hello.agent_version, sessions = hello.session_enabled, "agent connected"
     );
     let connected = Instant::now();
-    state
-        .audit_after(
-            agent_record("agent.connected", &node, addr).detail(serde_json::json!({
-                "type": node.node_type.as_str(),
-                "version": hello.agent_version,
-                "hostname": hello.hostname,
-                "session_enabled": hello.session_enabled,
-            })),
-        )
-        .await;
-    // Should this control plane die with the link, another writes its end.
+    // Should this control plane die with the link, the record of its end is
+    // written by whoever notices (crate::lease).
     let link_key = format!("agent:{}:{}", state.instance, conn.conn_id);
     let lost = agent_record("agent.disconnected", &node, addr).detail(serde_json::json!({
         "type": node.node_type.as_str(),
         "reason": crate::lease::REASON_CONTROL_PLANE_LOST,
         "message": "the control plane holding this agent's link stopped (killed, crashed or its host lost)",
     }));
-    if let Err(e) = state.owe_close(&link_key, &lost).await {
-        tracing::warn!(agent = %node.name, error = %e, "cannot note the record owed for this link");
-    }
+    let owe = Note::Owe {
+        key: &link_key,
+        instance: &state.instance,
+        closing: &lost,
+    };
+    state
+        .audit_after_noting(
+            agent_record("agent.connected", &node, addr).detail(serde_json::json!({
+                "type": node.node_type.as_str(),
+                "version": hello.agent_version,
+                "hostname": hello.hostname,
+                "session_enabled": hello.session_enabled,
+            })),
+            Some(&owe),
+        )
+        .await;
 
     let reason = mux.closed().await;
     // Stop answering for it at once: it may already be connecting elsewhere.
@@ -311,20 +415,16 @@ async fn serve(state: AppState, node: Node, addr: SocketAddr, mut ws: ServerWs) 
         tracing::warn!(agent = %node.name, error = %e, "cannot record when the agent was last seen");
     }
     tracing::info!(agent = %node.name, %addr, "agent disconnected: {reason}");
-    let written = state
-        .audit_after(
+    state
+        .audit_after_noting(
             agent_record("agent.disconnected", &node, addr).detail(serde_json::json!({
                 "type": node.node_type.as_str(),
                 "reason": reason.to_string(),
                 "connected_for_ms": connected.elapsed().as_millis() as u64,
             })),
+            Some(&Note::Paid { key: &link_key }),
         )
         .await;
-    // Unwritten, the note stays, and the link's end is recorded (as lost)
-    // once this control plane stops.
-    if written && let Err(e) = state.store.close_written(&link_key).await {
-        tracing::warn!(agent = %node.name, error = %e, "cannot drop the note of a closed link");
-    }
 }
 
 fn agent_record(action: &str, node: &Node, addr: SocketAddr) -> NewAuditRecord {

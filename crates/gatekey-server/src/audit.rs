@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::api::error::{ApiError, ApiResult};
 use crate::auth::Caller;
 use crate::state::State;
-use crate::store::NewAuditRecord;
+use crate::store::{NewAuditRecord, Note, StoreError};
 
 /// How much of a session the log keeps (`audit_capture`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,42 +71,29 @@ impl NewAuditRecord {
 impl State {
     /// Records an action; the caller must not acknowledge it unless this
     /// succeeds.
-    ///
-    /// A session's opening also notes the record that closes it should this
-    /// control plane die first (crate::lease), and its closing drops the
-    /// note.
     pub async fn audit(&self, record: NewAuditRecord) -> ApiResult<()> {
-        let owed = crate::lease::closing_of_session(&record);
-        let note = async {
-            match &owed {
-                Some((key, closing)) => self.owe_close(key, closing).await,
-                None => Ok(()),
-            }
-        };
-        let (appended, noted) = tokio::join!(self.store.append_audit(&record), note);
-        match appended.map(drop).and(noted) {
-            Ok(()) => {
-                self.closed(&record);
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, action = %record.action, "audit record not written");
-                Err(ApiError::internal(format!(
-                    "the audit record could not be written: {e}"
-                )))
-            }
-        }
+        self.append(&record, None).await.map_err(|e| {
+            tracing::error!(error = %e, action = %record.action, "audit record not written");
+            ApiError::internal(format!("the audit record could not be written: {e}"))
+        })
     }
 
     /// Records something that has already happened (an agent went away, a
     /// session ended on its own); a failure is logged loudly. Returns
     /// whether the record was written.
     pub async fn audit_after(&self, record: NewAuditRecord) -> bool {
-        match self.store.append_audit(&record).await {
-            Ok(_) => {
-                self.closed(&record);
-                true
-            }
+        self.audit_after_noting(record, None).await
+    }
+
+    /// [`State::audit_after`], noting or dropping a closing record owed in
+    /// the same transaction (crate::lease).
+    pub async fn audit_after_noting(
+        &self,
+        record: NewAuditRecord,
+        note: Option<&Note<'_>>,
+    ) -> bool {
+        match self.append(&record, note).await {
+            Ok(()) => true,
             Err(e) => {
                 tracing::error!(error = %e, action = %record.action, "audit record lost");
                 false
@@ -114,12 +101,31 @@ impl State {
         }
     }
 
-    fn closed(&self, record: &NewAuditRecord) {
-        if record.action == "session.closed"
-            && let Some(id) = &record.session_id
-        {
-            self.close_written(crate::lease::session_key(id));
-        }
+    /// Appends `record`. A session's opening also notes the record that
+    /// closes it should this control plane die first, and its closing drops
+    /// the note, in the same transaction.
+    async fn append(
+        &self,
+        record: &NewAuditRecord,
+        note: Option<&Note<'_>>,
+    ) -> Result<(), StoreError> {
+        let opened = crate::lease::closing_of_session(record);
+        let closed = (record.action == "session.closed")
+            .then(|| record.session_id.as_deref().map(crate::lease::session_key))
+            .flatten();
+        let session_note = match (&opened, &closed) {
+            (Some((key, closing)), _) => Some(Note::Owe {
+                key,
+                instance: &self.instance,
+                closing,
+            }),
+            (None, Some(key)) => Some(Note::Paid { key }),
+            _ => None,
+        };
+        self.store
+            .append_audit_noting(record, note.or(session_note.as_ref()))
+            .await
+            .map(drop)
     }
 }
 

@@ -86,6 +86,7 @@ pub async fn sweep(state: &State) -> Result<usize, StoreError> {
             "a control plane stopped renewing its lease: writing the closing records it owed"
         );
     }
+    store.drop_orphaned_claims().await?;
     let owed = store.take_orphaned_closes().await?;
     let mut written = 0;
     for (i, o) in owed.iter().enumerate() {
@@ -143,21 +144,5 @@ impl State {
             Some(c) => c.replica.clone(),
             None => "local".into(),
         }
-    }
-
-    /// Notes the record owed if this control plane dies before `key` ends.
-    pub async fn owe_close(&self, key: &str, record: &NewAuditRecord) -> Result<(), StoreError> {
-        self.store.owe_close(key, &self.instance, record).await
-    }
-
-    /// Drops the note of `key` (its closing record is written), off the
-    /// caller's path: if that is lost, the sweep finds the record written.
-    pub fn close_written(&self, key: String) {
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            if let Err(e) = store.close_written(&key).await {
-                tracing::warn!(error = %e, %key, "cannot drop a closing-record note");
-            }
-        });
     }
 }

@@ -318,17 +318,30 @@ pub(crate) fn ratio_row(scenario: &'static str, metric: &str, a: f64, b: f64) ->
 /// `true` on `agent` through the one-shot API on a warm connection, after
 /// 20 runs of warm-up: the time of each of `runs`.
 pub(crate) async fn oneshot_latency(client: &Client, agent: &str, runs: usize) -> Vec<Duration> {
-    let req = || ExecRequest {
-        command: "true".into(),
-        timeout_seconds: None,
-        stdin: None,
-    };
     for _ in 0..20 {
         client
-            .exec_oneshot(agent, req())
+            .exec_oneshot(agent, true_exec())
             .await
             .expect("warm-up exec");
     }
+    oneshot_latency_unwarmed(client, agent, runs).await
+}
+
+fn true_exec() -> ExecRequest {
+    ExecRequest {
+        command: "true".into(),
+        timeout_seconds: None,
+        stdin: None,
+    }
+}
+
+/// `runs` one-shot execs of `true` on a connection already warm.
+pub(crate) async fn oneshot_latency_unwarmed(
+    client: &Client,
+    agent: &str,
+    runs: usize,
+) -> Vec<Duration> {
+    let req = true_exec;
     let mut v = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t = Instant::now();

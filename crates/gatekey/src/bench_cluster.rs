@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use super::{Row, Sizes, client, exec_throughput, latency_rows, median, ms, oneshot_latency};
+use super::{
+    Row, Sizes, client, exec_throughput, latency_rows, median, ms, oneshot_latency,
+    oneshot_latency_unwarmed,
+};
 use crate::testkit::{Bins, Cluster, postgres_schema_url, start_replicas};
 
 const BROKERS: &[(&str, &str, &str)] = &[
@@ -49,8 +52,7 @@ pub(crate) fn cluster(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -
         } else {
             "cluster-rabbitmq"
         };
-        let same = exec_latency(near, rt, sizes.latency_runs);
-        let across = exec_latency(far, rt, sizes.latency_runs);
+        let (same, across) = exec_latency(near, far, rt, sizes.latency_runs);
         let (same_p50, across_p50) = (median(&same), median(&across));
         rows.extend(latency_rows(
             scenario,
@@ -112,7 +114,36 @@ pub(crate) fn cluster(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -
     rows
 }
 
-fn exec_latency(c: &Cluster, rt: &tokio::runtime::Runtime, runs: usize) -> Vec<Duration> {
-    let client = client(c);
-    rt.block_on(oneshot_latency(&client, "hub-1", runs))
+/// One-shot exec latency through `near` (the agent's replica) and `far`,
+/// interleaved call by call, so that whatever else the machine does weighs
+/// on both alike.
+fn exec_latency(
+    near: &Cluster,
+    far: &Cluster,
+    rt: &tokio::runtime::Runtime,
+    runs: usize,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let (near, far) = (client(near), client(far));
+    rt.block_on(async {
+        oneshot_latency(&near, "hub-1", 0).await;
+        oneshot_latency(&far, "hub-1", 0).await;
+        let (mut same, mut across) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+        for i in 0..runs {
+            // Alternate which goes first, so neither always follows the other.
+            let order = if i % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
+            for is_near in order {
+                let (c, into) = if is_near {
+                    (&near, &mut same)
+                } else {
+                    (&far, &mut across)
+                };
+                into.extend(oneshot_latency_unwarmed(c, "hub-1", 1).await);
+            }
+        }
+        (same, across)
+    })
 }

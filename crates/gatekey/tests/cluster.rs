@@ -344,6 +344,32 @@ fn exec_across(broker: Broker) {
         assert_eq!(stdout(&out), format!("burst-{i}\n"));
     }
 
+    // Two agents with one token, started together against two replicas:
+    // one holds the link, the other is refused, however the race falls.
+    let node = rs.r[0].create_node("gateway", "gw-twin");
+    let twins: Vec<AgentProc> = [0, 2]
+        .iter()
+        .map(|&i| {
+            let cfg = rs.r[0].agent_config("gw-twin", &node.token, true, "");
+            let text = std::fs::read_to_string(&cfg).unwrap();
+            let cfg_i = cfg.with_extension(format!("r{i}.yaml"));
+            std::fs::write(&cfg_i, text.replace(&rs.r[0].url, &rs.r[i].url)).unwrap();
+            rs.r[0].spawn_agent(&cfg_i)
+        })
+        .collect();
+    wait_until(Duration::from_secs(30), "one twin refused", || {
+        twins
+            .iter()
+            .any(|t| t.log_text().contains("refusing a second connection"))
+    });
+    // Each replica names its own link first: two holders would disagree.
+    let holders: Vec<_> = (0..3).map(|via| rs.holder(via, "gw-twin")).collect();
+    assert!(
+        holders[0].is_some() && holders.iter().all(|h| *h == holders[0]),
+        "gw-twin held once: {holders:?}"
+    );
+    drop(twins);
+
     // One audit chain, written by three replicas, valid from each.
     for c in &rs.r {
         c.admin_ok(&["audit", "verify"]);

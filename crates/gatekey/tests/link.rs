@@ -30,8 +30,9 @@ fn agent_reconnects_after_control_plane_restart() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Opened on record (a session is listed a moment before that).
     wait_until(Duration::from_secs(20), "the session to run", || {
-        c.admin_ok(&["session", "active", "-o", "json"])
+        c.admin_ok(&["audit", "list", "--action", "session.opened", "-o", "json"])
             .contains("sleep 600")
     });
     c.restart_server(true);

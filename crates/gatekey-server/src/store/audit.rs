@@ -132,6 +132,80 @@ fn record_from_row(r: &AnyRow) -> Result<AuditRecord> {
     })
 }
 
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+fn bind_record<'q>(q: AnyQuery<'q>, rec: &'q AuditRecord) -> AnyQuery<'q> {
+    q.bind(rec.seq)
+        .bind(rec.at)
+        .bind(&rec.action)
+        .bind(&rec.outcome)
+        .bind(rec.user.as_deref())
+        .bind(rec.remote_addr.as_deref())
+        .bind(rec.agent.as_deref())
+        .bind(rec.session_id.as_deref())
+        .bind(&rec.detail)
+        .bind(&rec.prev_hash)
+        .bind(&rec.hash)
+}
+
+/// A change to the closing records owed, made with an audit record.
+pub enum Note<'a> {
+    /// This record opens something: note the record that closes it.
+    Owe {
+        key: &'a str,
+        instance: &'a str,
+        closing: &'a NewAuditRecord,
+    },
+    /// This record closes `key`: drop its note.
+    Paid { key: &'a str },
+}
+
+impl Note<'_> {
+    /// The note's statement, its parameters numbered from `first`.
+    pub(super) fn sql(&self, first: usize) -> String {
+        let p = |i: usize| format!("${}", first + i);
+        match self {
+            Note::Owe { .. } => format!(
+                "INSERT INTO owed_closes (close_key, instance, opened_at, action, outcome, \
+                 user_name, remote_addr, agent, session_id, detail) \
+                 VALUES ({},{},{},{},{},{},{},{},{},{})",
+                p(0),
+                p(1),
+                p(2),
+                p(3),
+                p(4),
+                p(5),
+                p(6),
+                p(7),
+                p(8),
+                p(9)
+            ),
+            Note::Paid { .. } => format!("DELETE FROM owed_closes WHERE close_key = {}", p(0)),
+        }
+    }
+
+    pub(super) fn bind<'q>(&'q self, q: AnyQuery<'q>, at: i64) -> AnyQuery<'q> {
+        match self {
+            Note::Owe {
+                key,
+                instance,
+                closing,
+            } => q
+                .bind(*key)
+                .bind(*instance)
+                .bind(at)
+                .bind(closing.action.as_str())
+                .bind(closing.outcome)
+                .bind(closing.user.as_deref())
+                .bind(closing.remote_addr.as_deref())
+                .bind(closing.agent.as_deref())
+                .bind(closing.session_id.as_deref())
+                .bind(closing.detail.to_string()),
+            Note::Paid { key } => q.bind(*key),
+        }
+    }
+}
+
 /// RFC 3339 UTC with milliseconds.
 fn format_time_ms(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
@@ -150,6 +224,16 @@ impl Store {
     /// appended since: the primary key on seq refuses ours, and we re-read
     /// the head from the database and try again.
     pub async fn append_audit(&self, new: &NewAuditRecord) -> Result<AuditRecord> {
+        self.append_audit_noting(new, None).await
+    }
+
+    /// Appends a record and, in the same transaction, notes or drops a
+    /// closing record owed (store/owed.rs): one round trip on PostgreSQL.
+    pub async fn append_audit_noting(
+        &self,
+        new: &NewAuditRecord,
+        note: Option<&Note<'_>>,
+    ) -> Result<AuditRecord> {
         let mut head = self.audit_head.lock().await;
         let detail = if new.detail.is_null() {
             "{}".to_string()
@@ -179,22 +263,7 @@ impl Store {
             };
             rec.hash = record_hash(&prev_hash, &rec);
             rec.time = format_time_ms(rec.at);
-            let inserted = sqlx::query(&format!(
-                "INSERT INTO audit_log ({COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)"
-            ))
-            .bind(rec.seq)
-            .bind(rec.at)
-            .bind(&rec.action)
-            .bind(&rec.outcome)
-            .bind(rec.user.clone())
-            .bind(rec.remote_addr.clone())
-            .bind(rec.agent.clone())
-            .bind(rec.session_id.clone())
-            .bind(&rec.detail)
-            .bind(&rec.prev_hash)
-            .bind(&rec.hash)
-            .execute(&self.pool)
-            .await;
+            let inserted = self.insert_audit(&rec, note).await;
             match inserted {
                 Ok(_) => {
                     *head = Some((rec.seq, rec.hash.clone()));
@@ -210,6 +279,41 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// One INSERT, or with a note: on PostgreSQL one statement (the note as
+    /// a data-modifying CTE), on SQLite one local transaction.
+    async fn insert_audit(
+        &self,
+        rec: &AuditRecord,
+        note: Option<&Note<'_>>,
+    ) -> std::result::Result<(), sqlx::Error> {
+        let insert = format!(
+            "INSERT INTO audit_log ({COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)"
+        );
+        let Some(note) = note else {
+            bind_record(sqlx::query(&insert), rec)
+                .execute(&self.pool)
+                .await?;
+            return Ok(());
+        };
+        if self.sqlite {
+            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            let note_sql = note.sql(1);
+            note.bind(sqlx::query(&note_sql), rec.at)
+                .execute(&mut *tx)
+                .await?;
+            bind_record(sqlx::query(&insert), rec)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        } else {
+            let sql = format!("WITH note AS ({}) {insert}", note.sql(12));
+            note.bind(bind_record(sqlx::query(&sql), rec), rec.at)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
     }
 
     /// The last record's seq and hash, else the anchor's, else genesis.

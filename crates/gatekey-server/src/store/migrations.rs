@@ -77,8 +77,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (
         3,
-        // Running control planes with their lease, and the closing records
-        // each owes if it dies (store/owed.rs).
+        // Running control planes with their lease, the closing records
+        // each owes if it dies (store/owed.rs), and which one holds each
+        // agent's link (store/links.rs).
         "CREATE TABLE control_planes (
         instance TEXT PRIMARY KEY,
         replica_id TEXT NOT NULL,
@@ -98,6 +99,12 @@ const MIGRATIONS: &[(i64, &str)] = &[
         detail TEXT NOT NULL
     );
     CREATE INDEX owed_closes_instance ON owed_closes(instance);
+    CREATE TABLE agent_links (
+        node_id TEXT PRIMARY KEY,
+        link TEXT NOT NULL,
+        instance TEXT NOT NULL,
+        claimed_at BIGINT NOT NULL
+    );
     CREATE INDEX audit_log_session ON audit_log(session_id)",
     ),
 ];

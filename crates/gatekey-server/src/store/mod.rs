@@ -8,6 +8,7 @@
 
 mod audit;
 mod identity;
+mod links;
 mod migrations;
 mod owed;
 
@@ -116,8 +117,9 @@ pub struct AgentSeen<'a> {
     pub session_enabled: bool,
 }
 
-pub use audit::{AuditFilter, AuditRecord, NewAuditRecord, Verification};
+pub use audit::{AuditFilter, AuditRecord, NewAuditRecord, Note, Verification};
 pub use identity::{ApiKey, User};
+pub use links::LinkHolder;
 pub use owed::{DeadInstance, OwedClose};
 
 /// How long a starting replica waits, by default, for another one that is

@@ -11,7 +11,7 @@
 
 use sqlx::Row;
 
-use super::{NewAuditRecord, Result, Store};
+use super::{NewAuditRecord, Note, Result, Store};
 
 /// A closing record left by a control plane that stopped without writing it.
 #[derive(Clone, Debug)]
@@ -109,36 +109,21 @@ impl Store {
         )
     }
 
-    /// Notes the record `instance` owes if it stops before closing `key`.
+    /// Notes the record `instance` owes if it stops before closing `key`
+    /// (without an audit record of its own: see `append_audit_noting`).
     pub async fn owe_close(
         &self,
         key: &str,
         instance: &str,
         record: &NewAuditRecord,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO owed_closes (close_key, instance, opened_at, action, outcome, user_name, \
-             remote_addr, agent, session_id, detail) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
-        )
-        .bind(key)
-        .bind(instance)
-        .bind(super::now_ms())
-        .bind(&record.action)
-        .bind(record.outcome)
-        .bind(record.user.clone())
-        .bind(record.remote_addr.clone())
-        .bind(record.agent.clone())
-        .bind(record.session_id.clone())
-        .bind(record.detail.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// The closing record of `key` was written.
-    pub async fn close_written(&self, key: &str) -> Result<()> {
-        sqlx::query("DELETE FROM owed_closes WHERE close_key = $1")
-            .bind(key)
+        let note = Note::Owe {
+            key,
+            instance,
+            closing: record,
+        };
+        let sql = note.sql(1);
+        note.bind(sqlx::query(&sql), super::now_ms())
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -135,6 +135,71 @@ async fn exercise(store: &Store, url: &str) {
 
     audit_chain(store, url).await;
     owed_closes(store).await;
+    link_claims(store).await;
+}
+
+/// One claim per node: atomic, taken over only from the link that holds it.
+async fn link_claims(store: &Store) {
+    let now = now_ms();
+    // Two replicas claiming at the same moment: one wins, the other learns who.
+    let (a, b) = tokio::join!(
+        store.claim_agent("n1", "ia", "ia:1", now),
+        store.claim_agent("n1", "ib", "ib:1", now)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(a.is_none() ^ b.is_none(), "{a:?} {b:?}");
+    let (winner, loser) = if a.is_none() {
+        ("ia:1", "ib:1")
+    } else {
+        ("ib:1", "ia:1")
+    };
+    assert_eq!(a.or(b).unwrap().link, winner);
+    // A takeover from a link that no longer holds it fails.
+    assert!(
+        !store
+            .take_agent_claim("n1", loser, "ic", "ic:1", now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .take_agent_claim("n1", winner, "ic", "ic:1", now)
+            .await
+            .unwrap()
+    );
+    // The old holder's late release leaves the new claim alone.
+    store.release_agent("n1", winner).await.unwrap();
+    let held = store
+        .claim_agent("n1", "id", "id:1", now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((held.link.as_str(), held.instance.as_str()), ("ic:1", "ic"));
+    store.release_agent("n1", "ic:1").await.unwrap();
+    assert!(
+        store
+            .claim_agent("n1", "id", "id:1", now)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Claims of control planes no longer registered are dropped.
+    store.instance_started("id", "r9", now).await.unwrap();
+    store
+        .claim_agent("n2", "gone", "gone:1", now)
+        .await
+        .unwrap();
+    assert_eq!(store.drop_orphaned_claims().await.unwrap(), 1);
+    assert!(
+        store
+            .claim_agent("n1", "ie", "ie:1", now)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(store.instance_live("id", now - 1).await.unwrap());
+    assert!(!store.instance_live("id", now + 1).await.unwrap());
+    assert!(!store.instance_live("gone", 0).await.unwrap());
 }
 
 /// Closing records owed by control planes: taken once, and only those of
@@ -157,12 +222,46 @@ async fn owed_closes(store: &Store) {
         ("session:b", "dead"),
         ("session:c", "live"),
     ] {
+        // Noted with the opening record, in one transaction (one statement
+        // on PostgreSQL).
         let id = key.trim_start_matches("session:");
-        store.owe_close(key, instance, &closing(id)).await.unwrap();
+        let opened = NewAuditRecord {
+            action: "session.opened".into(),
+            ..closing(id)
+        };
+        let note = Note::Owe {
+            key,
+            instance,
+            closing: &closing(id),
+        };
+        store
+            .append_audit_noting(&opened, Some(&note))
+            .await
+            .unwrap();
     }
     // Both still registered: nothing to take.
     assert!(store.take_orphaned_closes().await.unwrap().is_empty());
-    store.close_written("session:b").await.unwrap();
+    // Dropped with the closing record.
+    let paid = Note::Paid { key: "session:b" };
+    store
+        .append_audit_noting(&closing("b"), Some(&paid))
+        .await
+        .unwrap();
+    // A note that would duplicate one is refused with its record: neither is
+    // written.
+    let before = store.verify_audit().await.unwrap().records;
+    let twice = Note::Owe {
+        key: "session:c",
+        instance: "live",
+        closing: &closing("c"),
+    };
+    assert!(
+        store
+            .append_audit_noting(&closing("c2"), Some(&twice))
+            .await
+            .is_err()
+    );
+    assert_eq!(store.verify_audit().await.unwrap().records, before);
     // The silent one expires once, and never the one asking.
     let dead = store.expire_instances("live", now - 10_000).await.unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
