@@ -129,10 +129,6 @@ async fn upgrade_checked(
     Ok(response)
 }
 
-/// How long a claim may be held by a replica not yet listening for its
-/// agent on the bus (it is between claiming and subscribing).
-const CLAIM_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// Across replicas, one link per node is settled in the database: the claim
 /// is atomic, and a claim held elsewhere is taken over only once its holder
 /// says its link is dead, nobody listens for the agent any more, or the
@@ -145,8 +141,8 @@ async fn claim_link(
 ) -> ApiResult<LinkClaim> {
     let store = &state.store;
     let conn_id = state.registry.next_conn_id();
-    let link = format!("{}:{conn_id}", state.instance);
-    let now = now_ms();
+    let link = crate::lease::link_id(&state.instance, conn_id);
+    let now = store.clock_ms().await?;
     let claim = |link: String| LinkClaim {
         store: store.clone(),
         node_id: node.id.clone(),
@@ -177,8 +173,11 @@ async fn claim_link(
                 }
                 // Its holder found it dead and closed it.
                 Ok(_) => true,
+                // Nobody listens for it: its holder is gone, unless it is
+                // still between claiming and listening (the handshake).
                 Err(crate::bus::BusError::NoResponders(_)) => {
-                    now - holder.claimed_at > CLAIM_SETTLE.as_millis() as i64
+                    let settle = state.config.handshake_timeout + std::time::Duration::from_secs(2);
+                    now - holder.claimed_at > settle.as_millis() as i64
                         || !store.instance_live(&holder.instance, lease_cutoff).await?
                 }
                 Err(e) => {
@@ -384,7 +383,10 @@ async fn serve(
     let connected = Instant::now();
     // Should this control plane die with the link, the record of its end is
     // written by whoever notices (crate::lease).
-    let link_key = format!("agent:{}:{}", state.instance, conn.conn_id);
+    let link_key = format!(
+        "agent:{}",
+        crate::lease::link_id(&state.instance, conn.conn_id)
+    );
     let lost = agent_record("agent.disconnected", &node, addr).detail(serde_json::json!({
         "type": node.node_type.as_str(),
         "reason": crate::lease::REASON_CONTROL_PLANE_LOST,

@@ -8,37 +8,55 @@
 //! the same database (it notices itself) are taken and their records
 //! written, with reason `control_plane_lost`.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::state::{AppState, State};
-use crate::store::{NewAuditRecord, StoreError, now_ms};
+use crate::store::{NewAuditRecord, Note, StoreError, now_ms};
 
 /// The reason in a closing record written for a control plane that died.
 pub const REASON_CONTROL_PLANE_LOST: &str = "control_plane_lost";
 
-/// Registers this control plane and starts renewing its lease. Alone on its
-/// database (no bus), every earlier control plane is known dead; with a
-/// fixed `replica_id`, so is an earlier instance of that replica (the bus
-/// said nobody else holds the id).
+/// Registers this control plane and starts renewing its lease. Alone on an
+/// SQLite database, every earlier control plane is known dead; with a fixed
+/// `replica_id`, so is an earlier instance of that replica (the bus said
+/// nobody else holds the id). Otherwise earlier ones are dead once their
+/// lease has run out.
 pub async fn start(state: &AppState) -> Result<(), StoreError> {
     let store = &state.store;
     store
-        .instance_started(&state.instance, &state.replica_name(), now_ms())
+        .instance_started(
+            &state.instance,
+            &state.replica_name(),
+            store.clock_ms().await?,
+        )
         .await?;
     match (&state.cluster, &state.config.replica_id) {
-        (None, _) => store.predecessors_dead(&state.instance, None).await?,
+        (None, _) if store.is_sqlite() => store.predecessors_dead(&state.instance, None).await?,
         (Some(_), Some(id)) => store.predecessors_dead(&state.instance, Some(id)).await?,
-        (Some(_), None) => {}
+        _ => {}
     }
-    sweep(state).await?;
+    sweep(state, true).await?;
     let state = state.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(renew_every(&state));
+        let every = renew_every(&state);
+        let mut tick = tokio::time::interval(every);
         tick.tick().await;
+        let mut renewed = std::time::Instant::now();
         loop {
             tick.tick().await;
-            if let Err(e) = sweep(&state).await {
-                tracing::warn!(error = %e, "cannot renew this control plane's lease in the database");
+            if state.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            // After an outage of our own (the database unreachable), the
+            // others were probably cut off too: give them a period to
+            // renew before taking any of them for dead.
+            let fresh = renewed.elapsed() <= every * 2;
+            match sweep(&state, fresh).await {
+                Ok(_) => renewed = std::time::Instant::now(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot renew this control plane's lease in the database")
+                }
             }
         }
     });
@@ -51,33 +69,61 @@ fn renew_every(state: &State) -> Duration {
 
 /// At shutdown, once agent links are closed: waits (at most `limit`) for
 /// the sessions and links to write their closing records themselves, with
-/// their real reasons, before the process ends.
+/// their real reasons; then leaves the lease table, so that nobody takes
+/// this control plane for dead.
 pub async fn settle(state: &State, limit: Duration) {
+    state.stopping.store(true, Ordering::Relaxed);
+    let store = &state.store;
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
-        match state.store.owed_by(&state.instance).await {
-            Ok(0) | Err(_) => return,
+        match store.owed_by(&state.instance).await {
+            Ok(0) => {
+                let left = async {
+                    store.release_claims_of(&state.instance).await?;
+                    store.instance_stopped(&state.instance).await
+                };
+                if let Err(e) = left.await {
+                    tracing::warn!(error = %e, "cannot leave the lease table; this control plane's lease runs out instead");
+                }
+                return;
+            }
+            Err(_) => return,
             Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
     tracing::warn!(
-        "shutting down before every session and agent link wrote its closing record; the next control plane on this database writes them"
+        "shutting down before every session and agent link wrote its closing record; they are written once this control plane's lease runs out"
     );
 }
 
-/// Renews the lease, declares dead the control planes whose lease ran out,
-/// and writes the records they owed. Returns how many it wrote.
-pub async fn sweep(state: &State) -> Result<usize, StoreError> {
+/// Renews the lease, checks the agent links this control plane holds
+/// against their claims, and (when `may_expire`) declares dead the control
+/// planes whose lease ran out and writes the records they owed. Returns how
+/// many it wrote.
+pub async fn sweep(state: &State, may_expire: bool) -> Result<usize, StoreError> {
     let store = &state.store;
-    let now = now_ms();
+    let now = store.clock_ms().await?;
     if !store
         .instance_alive(&state.instance, &state.replica_name(), now)
         .await?
     {
+        // Others took us for dead and wrote our sessions and links closed:
+        // make it so, and let the agents reconnect to a sound replica.
         tracing::error!(
-            "this control plane's lease in the database ran out (not renewed for replica_timeout): \
-             another replica may have written closing records for sessions still running here"
+            "this control plane's lease in the database ran out (not renewed for replica_timeout) and others wrote its sessions closed: closing its agent links"
         );
+        for conn in state.registry.list() {
+            conn.mux.close(
+                crate::agent_link::close::GOING_AWAY,
+                "the control plane lost its lease in the database",
+            );
+        }
+    }
+    if state.cluster.is_some() {
+        check_claims(state, now).await?;
+    }
+    if !may_expire {
+        return Ok(0);
     }
     let cutoff = now - state.config.replica_timeout.as_millis() as i64;
     for dead in store.expire_instances(&state.instance, cutoff).await? {
@@ -87,29 +133,71 @@ pub async fn sweep(state: &State) -> Result<usize, StoreError> {
         );
     }
     store.drop_orphaned_claims().await?;
-    let owed = store.take_orphaned_closes().await?;
+    let owed = store.orphaned_closes().await?;
     let mut written = 0;
-    for (i, o) in owed.iter().enumerate() {
+    for o in &owed {
         if let Some(id) = &o.record.session_id
             && o.record.action == "session.closed"
             && store.session_closed(id).await?
         {
+            store.drop_note(&o.key).await?;
             continue;
         }
         let mut record = o.record.clone();
         record.detail["recorded_by"] = state.replica_name().into();
-        if let Err(e) = store.append_audit(&record).await {
-            // Put back what is not written, for the next sweep.
-            for rest in &owed[i..] {
-                let _ = store
-                    .owe_close(&rest.key, &rest.instance, &rest.record)
-                    .await;
-            }
-            return Err(e);
+        let take = Note::Take { key: &o.key };
+        if store
+            .append_audit_noting(&record, Some(&take))
+            .await?
+            .is_some()
+        {
+            written += 1;
         }
-        written += 1;
     }
     Ok(written)
+}
+
+/// Every link held here must hold its node's claim: a missing claim (lost
+/// with a lapsed lease, or released by a losing duplicate) is made again,
+/// and a link whose claim another replica took over is closed, so at most
+/// one link per node outlives a race.
+async fn check_claims(state: &State, now: i64) -> Result<(), StoreError> {
+    let store = &state.store;
+    // Links younger than this may be between claiming and registering.
+    let settled = now_ms() - 1_000;
+    let held: std::collections::HashMap<String, String> = store
+        .claims_of(&state.instance)
+        .await?
+        .into_iter()
+        .collect();
+    for conn in state.registry.list() {
+        let link = link_id(&state.instance, conn.conn_id);
+        if conn.connected_at > settled || held.get(&conn.node_id) == Some(&link) {
+            continue;
+        }
+        match store
+            .claim_agent(&conn.node_id, &state.instance, &link, now)
+            .await?
+        {
+            None => {
+                tracing::info!(agent = %conn.name, "claimed again the link of an agent held here")
+            }
+            Some(holder) if holder.link == link => {}
+            Some(holder) => {
+                tracing::warn!(agent = %conn.name, holder = %holder.link, "another replica took over this agent's link: closing it here");
+                conn.mux.close(
+                    crate::agent_link::close::DUPLICATE,
+                    "replaced by a new connection through another control-plane replica",
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The id of an agent link in claims and notes.
+pub fn link_id(instance: &str, conn_id: u64) -> String {
+    format!("{instance}:{conn_id}")
 }
 
 /// For a `session.opened` record: its note's key and the record that closes

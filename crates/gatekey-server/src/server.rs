@@ -79,8 +79,8 @@ impl Server {
                 );
                 // Two replicas with one id would both answer for it, and this
                 // one would close the other's sessions in the audit log.
-                if config.replica_id.is_some() && cluster.id_answers().await {
-                    return Err(crate::bus::BusError::IdTaken(replica).into());
+                if config.replica_id.is_some() {
+                    cluster.check_id_free().await?;
                 }
                 Some(Arc::new(cluster))
             }
@@ -93,6 +93,7 @@ impl Server {
             sessions: Default::default(),
             cluster,
             instance: secret::random_hex(8),
+            stopping: Default::default(),
         });
         crate::lease::start(&state).await?;
         tokio::spawn(crate::audit::retention(state.clone()));

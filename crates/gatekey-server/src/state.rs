@@ -17,6 +17,8 @@ pub struct State {
     /// This process among all control planes that ever ran on the database
     /// (its lease, crate::lease).
     pub instance: String,
+    /// Set at shutdown: the lease is no longer renewed.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 pub type AppState = Arc<State>;

@@ -240,11 +240,16 @@ impl Cluster {
         serde_json::from_slice(&answer).map_err(|e| BusError::Broker(e.to_string()))
     }
 
-    /// Whether a running replica answers to this replica's id (asked before
-    /// this one listens on it).
-    pub async fn id_answers(&self) -> bool {
+    /// Fails if a running replica answers to this replica's id (asked
+    /// before this one listens on it), or if the bus cannot tell: only "no
+    /// responders" says the id is free.
+    pub async fn check_id_free(&self) -> Result<(), BusError> {
         let probe = Query::HasSession { id: String::new() };
-        self.ask(&self.replica, &probe).await.is_ok()
+        match self.ask(&self.replica, &probe).await {
+            Ok(_) => Err(BusError::IdTaken(self.replica.clone())),
+            Err(BusError::NoResponders(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Asks every live peer at once; peers that fail are logged and left out.

@@ -14,6 +14,15 @@ use sqlx::any::AnyRow;
 
 use super::{Result, Store, StoreError, is_unique_violation, now_ms};
 
+/// Another replica appended this seq first (not some other unique key,
+/// such as a note's, which no retry would cure).
+fn is_seq_conflict(e: &sqlx::Error) -> bool {
+    is_unique_violation(e)
+        && e.as_database_error().is_some_and(|d| {
+            d.constraint() == Some("audit_log_pkey") || d.message().contains("audit_log.seq")
+        })
+}
+
 /// `prev_hash` of the very first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -158,6 +167,9 @@ pub enum Note<'a> {
     },
     /// This record closes `key`: drop its note.
     Paid { key: &'a str },
+    /// This is the record noted under `key`, written for a control plane
+    /// that died: only by whoever takes the note.
+    Take { key: &'a str },
 }
 
 impl Note<'_> {
@@ -180,7 +192,9 @@ impl Note<'_> {
                 p(8),
                 p(9)
             ),
-            Note::Paid { .. } => format!("DELETE FROM owed_closes WHERE close_key = {}", p(0)),
+            Note::Paid { .. } | Note::Take { .. } => {
+                format!("DELETE FROM owed_closes WHERE close_key = {}", p(0))
+            }
         }
     }
 
@@ -201,7 +215,7 @@ impl Note<'_> {
                 .bind(closing.agent.as_deref())
                 .bind(closing.session_id.as_deref())
                 .bind(closing.detail.to_string()),
-            Note::Paid { key } => q.bind(*key),
+            Note::Paid { key } | Note::Take { key } => q.bind(*key),
         }
     }
 }
@@ -224,16 +238,20 @@ impl Store {
     /// appended since: the primary key on seq refuses ours, and we re-read
     /// the head from the database and try again.
     pub async fn append_audit(&self, new: &NewAuditRecord) -> Result<AuditRecord> {
-        self.append_audit_noting(new, None).await
+        self.append_audit_noting(new, None)
+            .await?
+            .ok_or_else(|| StoreError::Conflict("audit record".into()))
     }
 
     /// Appends a record and, in the same transaction, notes or drops a
     /// closing record owed (store/owed.rs): one round trip on PostgreSQL.
+    /// None: the note was [`Note::Take`] and another control plane took it
+    /// first, so nothing was written.
     pub async fn append_audit_noting(
         &self,
         new: &NewAuditRecord,
         note: Option<&Note<'_>>,
-    ) -> Result<AuditRecord> {
+    ) -> Result<Option<AuditRecord>> {
         let mut head = self.audit_head.lock().await;
         let detail = if new.detail.is_null() {
             "{}".to_string()
@@ -265,11 +283,12 @@ impl Store {
             rec.time = format_time_ms(rec.at);
             let inserted = self.insert_audit(&rec, note).await;
             match inserted {
-                Ok(_) => {
+                Ok(true) => {
                     *head = Some((rec.seq, rec.hash.clone()));
-                    return Ok(rec);
+                    return Ok(Some(rec));
                 }
-                Err(e) if is_unique_violation(&e) && attempt < 50 => {
+                Ok(false) => return Ok(None),
+                Err(e) if is_seq_conflict(&e) && attempt < 50 => {
                     *head = None;
                     tokio::task::yield_now().await;
                 }
@@ -282,38 +301,53 @@ impl Store {
     }
 
     /// One INSERT, or with a note: on PostgreSQL one statement (the note as
-    /// a data-modifying CTE), on SQLite one local transaction.
+    /// a data-modifying CTE), on SQLite one local transaction. False: a
+    /// [`Note::Take`] found its note gone, and no record was written.
     async fn insert_audit(
         &self,
         rec: &AuditRecord,
         note: Option<&Note<'_>>,
-    ) -> std::result::Result<(), sqlx::Error> {
-        let insert = format!(
-            "INSERT INTO audit_log ({COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)"
-        );
+    ) -> std::result::Result<bool, sqlx::Error> {
+        let insert = format!("INSERT INTO audit_log ({COLUMNS})");
+        let values = "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)";
         let Some(note) = note else {
-            bind_record(sqlx::query(&insert), rec)
+            bind_record(sqlx::query(&format!("{insert} {values}")), rec)
                 .execute(&self.pool)
                 .await?;
-            return Ok(());
+            return Ok(true);
         };
         if self.sqlite {
             let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
             let note_sql = note.sql(1);
-            note.bind(sqlx::query(&note_sql), rec.at)
+            let changed = note
+                .bind(sqlx::query(&note_sql), rec.at)
                 .execute(&mut *tx)
-                .await?;
-            bind_record(sqlx::query(&insert), rec)
+                .await?
+                .rows_affected();
+            if matches!(note, Note::Take { .. }) && changed == 0 {
+                return Ok(false);
+            }
+            bind_record(sqlx::query(&format!("{insert} {values}")), rec)
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-        } else {
-            let sql = format!("WITH note AS ({}) {insert}", note.sql(12));
-            note.bind(bind_record(sqlx::query(&sql), rec), rec.at)
-                .execute(&self.pool)
-                .await?;
+            return Ok(true);
         }
-        Ok(())
+        let sql = match note {
+            // Written only if this statement is the one that took the note.
+            Note::Take { .. } => format!(
+                "WITH note AS ({} RETURNING 1) {insert} \
+                 SELECT $1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11 WHERE EXISTS (SELECT 1 FROM note)",
+                note.sql(12)
+            ),
+            _ => format!("WITH note AS ({}) {insert} {values}", note.sql(12)),
+        };
+        let written = note
+            .bind(bind_record(sqlx::query(&sql), rec), rec.at)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(written == 1)
     }
 
     /// The last record's seq and hash, else the anchor's, else genesis.

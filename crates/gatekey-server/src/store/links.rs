@@ -100,6 +100,26 @@ impl Store {
         .rows_affected())
     }
 
+    /// The claims `instance` holds: node id → link.
+    pub async fn claims_of(&self, instance: &str) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT node_id, link FROM agent_links WHERE instance = $1")
+            .bind(instance)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("node_id")?, r.try_get("link")?)))
+            .collect()
+    }
+
+    /// Releases every claim of `instance` (it stops cleanly).
+    pub async fn release_claims_of(&self, instance: &str) -> Result<()> {
+        sqlx::query("DELETE FROM agent_links WHERE instance = $1")
+            .bind(instance)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Whether `instance` renewed its lease since `cutoff`.
     pub async fn instance_live(&self, instance: &str, cutoff: i64) -> Result<bool> {
         let seen: Option<i64> =

@@ -5,9 +5,9 @@
 //! record. Each running control plane (an *instance*: one process) renews
 //! its row in `control_planes`; one silent for longer than its lease is
 //! dead, and whoever notices first (another replica, or the control plane
-//! restarted on the same database) takes its notes and writes their
-//! records. Taking is a `DELETE … RETURNING`, so under concurrent takers
-//! each record is written once.
+//! restarted on the same database) writes their records, each in the same
+//! statement that deletes its note, so under concurrent takers each record
+//! is written once and none is lost.
 
 use sqlx::Row;
 
@@ -58,6 +58,32 @@ impl Store {
             self.instance_started(instance, replica_id, now).await?;
         }
         Ok(renewed > 0)
+    }
+
+    /// A control plane stopping cleanly, with nothing owed.
+    pub async fn instance_stopped(&self, instance: &str) -> Result<()> {
+        sqlx::query("DELETE FROM control_planes WHERE instance = $1")
+            .bind(instance)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The time leases are judged by: the database's clock on PostgreSQL,
+    /// so that replicas whose clocks differ agree on who is late.
+    pub async fn clock_ms(&self) -> Result<i64> {
+        if self.sqlite {
+            return Ok(super::now_ms());
+        }
+        Ok(sqlx::query_scalar(
+            "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        self.sqlite
     }
 
     /// Declares dead, at once, the other instances registered under
@@ -129,12 +155,14 @@ impl Store {
         Ok(())
     }
 
-    /// Takes the notes of every instance that is no longer registered.
-    pub async fn take_orphaned_closes(&self) -> Result<Vec<OwedClose>> {
+    /// The notes of every instance that is no longer registered. Each is
+    /// written with [`Note::Take`], so that under concurrent sweeps only one
+    /// writes it, and a sweep that dies leaves the rest noted.
+    pub async fn orphaned_closes(&self) -> Result<Vec<OwedClose>> {
         let rows = sqlx::query(
-            "DELETE FROM owed_closes WHERE instance NOT IN (SELECT instance FROM control_planes) \
-             RETURNING close_key, instance, opened_at, action, outcome, user_name, remote_addr, agent, \
-             session_id, detail",
+            "SELECT close_key, instance, opened_at, action, outcome, user_name, remote_addr, agent, \
+             session_id, detail FROM owed_closes \
+             WHERE instance NOT IN (SELECT instance FROM control_planes)",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -162,6 +190,15 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Drops a note whose record is already written.
+    pub async fn drop_note(&self, key: &str) -> Result<()> {
+        sqlx::query("DELETE FROM owed_closes WHERE close_key = $1")
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Whether the log already holds a `session.closed` for `session_id`

@@ -200,6 +200,22 @@ async fn link_claims(store: &Store) {
     assert!(store.instance_live("id", now - 1).await.unwrap());
     assert!(!store.instance_live("id", now + 1).await.unwrap());
     assert!(!store.instance_live("gone", 0).await.unwrap());
+    // What one instance holds, and all of it released when it stops.
+    store.claim_agent("n3", "id", "id:3", now).await.unwrap();
+    let mut held = store.claims_of("id").await.unwrap();
+    held.sort();
+    assert_eq!(
+        held,
+        [
+            ("n1".to_string(), "id:1".to_string()),
+            ("n3".into(), "id:3".into())
+        ]
+    );
+    store.release_claims_of("id").await.unwrap();
+    assert!(store.claims_of("id").await.unwrap().is_empty());
+    // Leases are judged by one clock (the database's on PostgreSQL).
+    let clock = store.clock_ms().await.unwrap();
+    assert!((clock - now_ms()).abs() < 60_000, "{clock}");
 }
 
 /// Closing records owed by control planes: taken once, and only those of
@@ -240,7 +256,7 @@ async fn owed_closes(store: &Store) {
             .unwrap();
     }
     // Both still registered: nothing to take.
-    assert!(store.take_orphaned_closes().await.unwrap().is_empty());
+    assert!(store.orphaned_closes().await.unwrap().is_empty());
     // Dropped with the closing record.
     let paid = Note::Paid { key: "session:b" };
     store
@@ -249,7 +265,7 @@ async fn owed_closes(store: &Store) {
         .unwrap();
     // A note that would duplicate one is refused with its record: neither is
     // written.
-    let before = store.verify_audit().await.unwrap().records;
+    let before = audit_rows(store).await;
     let twice = Note::Owe {
         key: "session:c",
         instance: "live",
@@ -261,7 +277,7 @@ async fn owed_closes(store: &Store) {
             .await
             .is_err()
     );
-    assert_eq!(store.verify_audit().await.unwrap().records, before);
+    assert_eq!(audit_rows(store).await, before);
     // The silent one expires once, and never the one asking.
     let dead = store.expire_instances("live", now - 10_000).await.unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
@@ -276,7 +292,7 @@ async fn owed_closes(store: &Store) {
             .unwrap()
             .is_empty()
     );
-    let taken = store.take_orphaned_closes().await.unwrap();
+    let taken = store.orphaned_closes().await.unwrap();
     assert_eq!(taken.len(), 1, "{taken:?}");
     let t = &taken[0];
     assert_eq!((t.key.as_str(), t.instance.as_str()), ("session:a", "dead"));
@@ -287,23 +303,53 @@ async fn owed_closes(store: &Store) {
     assert_eq!(r.agent.as_deref(), Some("hub-1"));
     assert_eq!(r.session_id.as_deref(), Some("a"));
     assert_eq!(r.detail["command"], "sleep 9");
-    assert!(store.take_orphaned_closes().await.unwrap().is_empty());
+    // Written by the one that takes the note, and by nobody after it.
+    let take = Note::Take { key: "session:a" };
+    let first = store.append_audit_noting(r, Some(&take)).await.unwrap();
+    assert_eq!(first.unwrap().session_id.as_deref(), Some("a"));
+    let records = audit_rows(store).await;
+    assert!(
+        store
+            .append_audit_noting(r, Some(&take))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(audit_rows(store).await, records);
+    assert!(store.orphaned_closes().await.unwrap().is_empty());
+    // The chain goes on from the record written, not the one skipped.
+    store.append_audit(&closing("after")).await.unwrap();
 
-    // Takers at the same moment take each note once.
+    // Takers at the same moment write each record once.
     for i in 0..20 {
         let key = format!("session:g{i}");
         store.owe_close(&key, "gone", &closing(&key)).await.unwrap();
     }
-    let (one, two) = tokio::join!(store.take_orphaned_closes(), store.take_orphaned_closes());
-    let mut keys: Vec<String> = one
-        .unwrap()
-        .into_iter()
-        .chain(two.unwrap())
-        .map(|o| o.key)
-        .collect();
-    keys.sort();
-    keys.dedup();
-    assert_eq!(keys.len(), 20);
+    let notes = store.orphaned_closes().await.unwrap();
+    assert_eq!(notes.len(), 20);
+    let before = audit_rows(store).await;
+    let other = store.clone();
+    let take_all = |store: Store, notes: Vec<OwedClose>| async move {
+        let mut n = 0;
+        for o in &notes {
+            let take = Note::Take { key: &o.key };
+            if store
+                .append_audit_noting(&o.record, Some(&take))
+                .await
+                .unwrap()
+                .is_some()
+            {
+                n += 1;
+            }
+        }
+        n
+    };
+    let (one, two) = tokio::join!(
+        take_all(store.clone(), notes.clone()),
+        take_all(other, notes)
+    );
+    assert_eq!(one + two, 20, "{one} + {two}");
+    assert_eq!(audit_rows(store).await, before + 20);
 
     // A lease taken for dead is registered again at the next renewal.
     exec_sql(store, "DELETE FROM control_planes WHERE instance = 'live'").await;
@@ -341,6 +387,13 @@ fn rec(action: &str, user: &str) -> NewAuditRecord {
         detail: serde_json::json!({"n": action.len()}),
         ..Default::default()
     }
+}
+
+async fn audit_rows(store: &Store) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM audit_log")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
 }
 
 async fn exec_sql(store: &Store, sql: &str) {
