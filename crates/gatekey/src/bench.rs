@@ -260,14 +260,14 @@ fn print_table(rows: &[Row]) {
     }
 }
 
-pub(crate) fn client_config(c: &Cluster) -> ClientConfig {
+pub fn client_config(c: &Cluster) -> ClientConfig {
     let mut cfg = ClientConfig::new(c.url.clone());
     cfg.api_key = Some(c.admin_key.clone());
     cfg.ca_cert = Some(c.ca_cert.clone());
     cfg
 }
 
-pub(crate) fn client(c: &Cluster) -> Client {
+pub fn client(c: &Cluster) -> Client {
     Client::new(client_config(c)).expect("client")
 }
 
@@ -700,7 +700,7 @@ pub(crate) fn nofile_of(pid: u32) -> Option<u64> {
 /// keep-alive connection, create nodes concurrently (the server writes one
 /// audit record per node, serially, so more clients would not help). Ids
 /// are given, not drawn: random 32-bit ids collide within 50,000 nodes.
-pub(crate) async fn register_sim_nodes(c: &Cluster, n: usize) -> Vec<SimAgent> {
+pub async fn register_sim_nodes(c: &Cluster, n: usize) -> Vec<SimAgent> {
     const CLIENTS: usize = 8;
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
@@ -742,7 +742,7 @@ pub(crate) async fn register_sim_nodes(c: &Cluster, n: usize) -> Vec<SimAgent> {
 /// one. Children, the control plane included, inherit it (the capacity
 /// scenario checks /proc/PID/limits). Raising the hard limit itself needs
 /// CAP_SYS_RESOURCE; containers often lack it.
-fn raise_nofile_limit() {
+pub fn raise_nofile_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         // Try for a million first, as the systemd unit sets; fall back to the hard limit.

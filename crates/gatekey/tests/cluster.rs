@@ -551,3 +551,45 @@ fn replica_loss_and_broker_loss_over_nats() {
 fn replica_loss_and_broker_loss_over_rabbitmq() {
     failures(Broker::Amqp);
 }
+
+/// A replica's answer to a list question goes page by page: 6,000 agents
+/// on one replica (about 1.5 MB of answer, over NATS's default max_payload
+/// of 1 MB) are all listed through another.
+#[test]
+fn lists_hold_thousands_of_agents_across_replicas_over_nats() {
+    const N: usize = 6000;
+    gatekey::bench::raise_nofile_limit();
+    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap_or((0, 0));
+    if soft < 2 * N as u64 + 1000 {
+        eprintln!("SKIP: RLIMIT_NOFILE {soft} is too low for {N} agents");
+        return;
+    }
+    let Some(rs) = start(Broker::Nats) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let holder = &rs.r[1];
+        let agents = gatekey::bench::register_sim_nodes(holder, N).await;
+        let endpoint = gatekey_proto::transport::Endpoint::parse(&holder.url).unwrap();
+        let started = std::time::Instant::now();
+        let fleet =
+            gatekey::sim::Fleet::start(&endpoint, gatekey::sim::tls(&holder.ca_cert), agents, 128);
+        let up = fleet
+            .wait_connected(started, N, Duration::from_secs(180))
+            .await;
+        assert!(
+            up.is_some(),
+            "{N} agents did not connect: {:?}",
+            fleet.errors().first()
+        );
+        let listed = gatekey::bench::client(&rs.r[0])
+            .list_agents(true)
+            .await
+            .unwrap();
+        let far = listed.iter().filter(|a| a.name.starts_with("sim-")).count();
+        assert_eq!(far, N, "agents held by r2, listed through r1");
+        fleet.stop().await;
+    });
+}

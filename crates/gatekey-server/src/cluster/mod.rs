@@ -89,9 +89,67 @@ impl AgentInfo {
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Query {
-    Agents,
-    Sessions,
-    HasSession { id: String },
+    /// A page of the agents held there, after the node id `after`.
+    Agents {
+        #[serde(default)]
+        after: Option<String>,
+    },
+    /// A page of the sessions running there, after the session id `after`.
+    Sessions {
+        #[serde(default)]
+        after: Option<String>,
+    },
+    HasSession {
+        id: String,
+    },
+}
+
+impl Query {
+    /// The same list question, for the page after `key`.
+    fn next_page(&self, key: String) -> Option<Query> {
+        match self {
+            Query::Agents { .. } => Some(Query::Agents { after: Some(key) }),
+            Query::Sessions { .. } => Some(Query::Sessions { after: Some(key) }),
+            Query::HasSession { .. } => None,
+        }
+    }
+}
+
+/// One page of a list answer: a replica's answer must fit one bus message
+/// (NATS: `max_payload`, 1 MB by default), however many agents it holds.
+#[derive(Serialize, Deserialize, Default, Debug)]
+struct Page {
+    items: Vec<serde_json::Value>,
+    /// The key to ask after for the next page; None on the last.
+    next: Option<String>,
+}
+
+/// Bytes of items in one page (a single larger item still goes alone).
+const PAGE_BYTES: usize = 256 * 1024;
+
+/// Most pages asked of one replica for one list.
+const MAX_PAGES: usize = 10_000;
+
+/// The page of `items` (key, item) after `after`, in key order.
+fn page(mut items: Vec<(String, serde_json::Value)>, after: Option<&str>, budget: usize) -> Page {
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Page::default();
+    let mut used = 0;
+    let mut last = None;
+    for (key, item) in items {
+        if after.is_some_and(|a| key.as_str() <= a) {
+            continue;
+        }
+        let size = item.to_string().len();
+        if !out.items.is_empty() && used + size > budget {
+            out.next = last;
+            break;
+        }
+        used += size;
+        out.items.push(item);
+        last = Some(key);
+    }
+    out
 }
 
 pub struct Cluster {
@@ -226,6 +284,28 @@ impl Cluster {
         v
     }
 
+    /// Asks one replica; a list answer is followed page by page and
+    /// returned whole, as an array.
+    async fn ask_all(&self, replica: &str, query: &Query) -> Result<serde_json::Value, BusError> {
+        let first = self.ask(replica, query).await?;
+        if matches!(query, Query::HasSession { .. }) {
+            return Ok(first);
+        }
+        let bad = |e: serde_json::Error| BusError::Broker(format!("bad list answer: {e}"));
+        let mut page: Page = serde_json::from_value(first).map_err(bad)?;
+        let mut items = std::mem::take(&mut page.items);
+        for _ in 1..MAX_PAGES {
+            let Some(next) = page.next.take().and_then(|k| query.next_page(k)) else {
+                return Ok(serde_json::Value::Array(items));
+            };
+            page = serde_json::from_value(self.ask(replica, &next).await?).map_err(bad)?;
+            items.append(&mut page.items);
+        }
+        Err(BusError::Broker(format!(
+            "replica {replica} answered more than {MAX_PAGES} pages"
+        )))
+    }
+
     async fn ask(&self, replica: &str, query: &Query) -> Result<serde_json::Value, BusError> {
         let mut payload = vec![b'J'];
         payload.extend(serde_json::to_vec(query).expect("serializable"));
@@ -257,7 +337,7 @@ impl Cluster {
         let peers = self.live_peers();
         let asks = peers
             .iter()
-            .map(|p| async move { (p, self.ask(p, query).await) });
+            .map(|p| async move { (p, self.ask_all(p, query).await) });
         let mut out = Vec::new();
         for (peer, answer) in futures_util::future::join_all(asks).await {
             match answer {
@@ -274,7 +354,7 @@ impl Cluster {
 
     /// Agents connected to other replicas.
     pub async fn remote_agents(&self) -> Vec<AgentInfo> {
-        self.gather(&Query::Agents)
+        self.gather(&Query::Agents { after: None })
             .await
             .into_iter()
             .flat_map(|(_, v)| serde_json::from_value::<Vec<AgentInfo>>(v).unwrap_or_default())
@@ -283,7 +363,7 @@ impl Cluster {
 
     /// Sessions live on other replicas, as the API shows them.
     pub async fn remote_sessions(&self) -> Vec<serde_json::Value> {
-        self.gather(&Query::Sessions)
+        self.gather(&Query::Sessions { after: None })
             .await
             .into_iter()
             .flat_map(|(_, v)| match v {
@@ -526,27 +606,40 @@ async fn listen_replica(state: AppState, first: Option<Subscription>) {
 }
 
 fn answer(state: &AppState, cluster: &Cluster, q: Query) -> serde_json::Value {
-    match q {
-        Query::Agents => serde_json::to_value(
-            state
-                .registry
-                .list()
-                .iter()
-                .map(|c| AgentInfo::of(c, &cluster.replica))
-                .collect::<Vec<_>>(),
-        )
-        .unwrap_or_default(),
-        Query::Sessions => serde_json::to_value(
-            state
-                .sessions
-                .list()
-                .iter()
-                .map(|l| l.snapshot())
-                .collect::<Vec<_>>(),
-        )
-        .unwrap_or_default(),
-        Query::HasSession { id } => serde_json::Value::Bool(state.sessions.get(&id).is_some()),
-    }
+    let items: Vec<(String, serde_json::Value)> = match &q {
+        Query::Agents { .. } => state
+            .registry
+            .list()
+            .iter()
+            .map(|c| {
+                let info = AgentInfo::of(c, &cluster.replica);
+                (
+                    c.node_id.clone(),
+                    serde_json::to_value(info).unwrap_or_default(),
+                )
+            })
+            .collect(),
+        Query::Sessions { .. } => state
+            .sessions
+            .list()
+            .iter()
+            .map(|l| {
+                let view = l.snapshot();
+                (
+                    view.id.clone(),
+                    serde_json::to_value(view).unwrap_or_default(),
+                )
+            })
+            .collect(),
+        Query::HasSession { id } => {
+            return serde_json::Value::Bool(state.sessions.get(id).is_some());
+        }
+    };
+    let after = match &q {
+        Query::Agents { after } | Query::Sessions { after } => after.as_deref(),
+        Query::HasSession { .. } => None,
+    };
+    serde_json::to_value(page(items, after, PAGE_BYTES)).unwrap_or_default()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -609,5 +702,63 @@ async fn listen_heartbeats(state: AppState, first: Option<Subscription>) {
             let body = serde_json::to_vec(&reply).expect("serializable");
             let _ = cluster.bus.broadcast(REPLICAS, Bytes::from(body)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(n: usize) -> Vec<(String, serde_json::Value)> {
+        (0..n)
+            .map(|i| {
+                let key = format!("n{i:05}");
+                let v = serde_json::json!({"node_id": key, "pad": "x".repeat(100)});
+                (key, v)
+            })
+            .collect()
+    }
+
+    /// Following `next` yields every item once, in order, each page within
+    /// the budget, whatever order the items came in.
+    #[test]
+    fn pages_cover_every_item_once_within_the_budget() {
+        let mut all = items(1000);
+        all.reverse();
+        let budget = 4096;
+        let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+        loop {
+            let p = page(all.clone(), after.as_deref(), budget);
+            let bytes: usize = p.items.iter().map(|i| i.to_string().len()).sum();
+            assert!(bytes <= budget, "page of {bytes} bytes");
+            seen.extend(
+                p.items
+                    .iter()
+                    .map(|i| i["node_id"].as_str().unwrap().to_string()),
+            );
+            pages += 1;
+            match p.next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        let want: Vec<String> = (0..1000).map(|i| format!("n{i:05}")).collect();
+        assert_eq!(seen, want);
+        assert!(pages > 30, "{pages} pages");
+        // An item larger than the budget still goes, alone.
+        let big = vec![("a".to_string(), serde_json::json!("y".repeat(10_000)))];
+        let p = page(big, None, budget);
+        assert_eq!((p.items.len(), p.next), (1, None));
+        // Nothing after the last key.
+        let p = page(items(3), Some("n00002"), budget);
+        assert!(p.items.is_empty() && p.next.is_none());
+    }
+
+    /// A replica of the previous version asked without `after` still
+    /// understands the question.
+    #[test]
+    fn list_questions_without_after_parse() {
+        let q: Query = serde_json::from_str(r#"{"op":"agents"}"#).unwrap();
+        assert!(matches!(q, Query::Agents { after: None }));
     }
 }
