@@ -709,7 +709,7 @@ pub fn postgres_schema_url(label: &str) -> Option<String> {
     Some(format!("{base}{sep}options=-csearch_path%3D{schema}"))
 }
 
-/// Starts `n` replicas `r1`…`rN` on one database and bus, with
+/// Starts `n` replicas `<run>-r1`…`<run>-rN` on one database and bus, with
 /// `config_yaml` as their config file, and waits until each has heard the
 /// others.
 pub fn start_replicas(
@@ -739,14 +739,21 @@ pub fn start_replicas(
         ]
     };
     let strs = |v: &[String]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let first_args = strs(&args("r1".into()));
+    // Unique on the broker, which test runs and parallel tests share:
+    // "<run>-r1", "<run>-r2", …
+    let run = format!(
+        "t{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let first_args = strs(&args(format!("{run}-r1")));
     let first = Cluster::start_with(
         bins,
         &first_args.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
     );
     let mut all = vec![first];
     for i in 2..=n {
-        let a = strs(&args(format!("r{i}")));
+        let a = strs(&args(format!("{run}-r{i}")));
         let c = Cluster::start_replica(&all[0], &a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
         all.push(c);
     }

@@ -95,7 +95,8 @@ impl Replicas {
             .iter()
             .find(|a| a["name"] == name && a["connected"] == true)?;
         let id = a["replica"].as_str()?;
-        id.strip_prefix('r')?.parse::<usize>().ok().map(|n| n - 1)
+        let (_, n) = id.rsplit_once("-r")?;
+        n.parse::<usize>().ok().map(|n| n - 1)
     }
 }
 
@@ -444,7 +445,7 @@ fn failures(broker: Broker) {
         },
     );
     // A replica started with a running replica's id is refused.
-    refused_with_taken_id(&rs.r[other], &format!("r{}", client + 1));
+    refused_with_taken_id(&rs.r[other], &replica_id(&rs.r[client]));
     // The agent is back through another replica, and reachable from both.
     wait_until(
         Duration::from_secs(60),
@@ -495,6 +496,13 @@ fn failures(broker: Broker) {
     }
     // The audit chain survived all of it.
     rs.r[via].admin_ok(&["audit", "verify"]);
+}
+
+/// The `--replica-id` a replica was started with.
+fn replica_id(c: &Cluster) -> String {
+    let args = c.server_args();
+    let at = args.iter().position(|a| a == "--replica-id").unwrap() + 1;
+    args[at].clone()
 }
 
 /// Audit records written for a control plane that died (reason
