@@ -79,7 +79,7 @@ async fn tools_run_from_the_control_plane_and_from_an_agent() {
         .await;
         let text = serde_json::to_string(&lines).unwrap();
         assert!(text.contains("\"port_open\""), "{text}");
-        assert_eq!(last(&lines)["success"], true);
+        assert_eq!(last(&lines)["success"], true, "{text}");
 
         let (_, lines) = run(
             &c,

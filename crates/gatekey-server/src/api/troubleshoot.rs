@@ -165,9 +165,15 @@ pub async fn run(
             state
                 .authorize(&caller, Action::Troubleshoot, Some(Target::ControlPlane))
                 .await?;
-            let events_tx = forwarder(lines_tx.clone());
+            let (events_tx, forwarded) = forwarder(lines_tx.clone());
             let run = Detached::start(request.clone(), limits, events_tx);
-            let work = async move { run.finish().await.map_err(|e| e.to_string()) };
+            // The result line goes after the last event: the run's senders
+            // are gone once it finished, so the forwarder drains and ends.
+            let work = async move {
+                let outcome = run.finish().await.map_err(|e| e.to_string());
+                let _ = forwarded.await;
+                outcome
+            };
             spawn_run(
                 state.clone(),
                 caller,
@@ -305,17 +311,18 @@ fn line(v: &impl serde::Serialize) -> Bytes {
     Bytes::from(b)
 }
 
-/// Forwards a local run's events as lines; returns the sender the run fills.
-fn forwarder(lines: mpsc::Sender<Bytes>) -> mpsc::Sender<Event> {
+/// Forwards a local run's events as lines; returns the sender the run fills
+/// and the task, which ends once every sender is gone and all is forwarded.
+fn forwarder(lines: mpsc::Sender<Bytes>) -> (mpsc::Sender<Event>, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Event>(16);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
             if lines.send(line(&ev)).await.is_err() {
                 return;
             }
         }
     });
-    tx
+    (tx, task)
 }
 
 /// Relays an agent's diagnostic stream: event lines (checked to be events,
