@@ -36,6 +36,9 @@ pub struct Config {
     pub liveness_probe_timeout: Duration,
     /// Extra time past a command's own timeout before the control plane gives up on the agent.
     pub exec_grace: Duration,
+    /// At shutdown, how long sessions and agent links may take to write
+    /// their own closing audit records once links are closed.
+    pub shutdown_timeout: Duration,
     /// A console with no input and no output for this long is ended (zero: never).
     pub console_idle_timeout: Duration,
     /// Longest any session may last (zero: no limit).
@@ -97,6 +100,7 @@ impl Default for Config {
             session_open_timeout: Duration::from_secs(10),
             liveness_probe_timeout: Duration::from_secs(5),
             exec_grace: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(3),
             console_idle_timeout: Duration::from_secs(30 * 60),
             session_max_duration: Duration::ZERO,
             console_max_participants: 16,
@@ -144,6 +148,8 @@ struct FileConfig {
     liveness_probe_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
     exec_grace: Option<Duration>,
+    #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
+    shutdown_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
     console_idle_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
@@ -202,6 +208,7 @@ impl Config {
             session_open_timeout,
             liveness_probe_timeout,
             exec_grace,
+            shutdown_timeout,
             console_idle_timeout,
             session_max_duration,
             console_max_participants,
@@ -295,6 +302,9 @@ impl Config {
         }
         if let Some(v) = dur("GATEKEY_EXEC_GRACE")? {
             self.exec_grace = v;
+        }
+        if let Some(v) = dur("GATEKEY_SHUTDOWN_TIMEOUT")? {
+            self.shutdown_timeout = v;
         }
         if let Some(v) = dur("GATEKEY_CONSOLE_IDLE_TIMEOUT")? {
             self.console_idle_timeout = v;

@@ -190,7 +190,7 @@ impl Server {
                 .close(close::GOING_AWAY, "control plane shutting down");
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        crate::lease::settle(&state, std::time::Duration::from_secs(3)).await;
+        crate::lease::settle(&state, state.config.shutdown_timeout).await;
         connections.abort_all();
     }
 }

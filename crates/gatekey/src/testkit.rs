@@ -219,6 +219,22 @@ impl Cluster {
         &self.server_args
     }
 
+    /// The `--replica-id` this replica was started with.
+    pub fn replica_id(&self) -> Option<&str> {
+        let at = self.server_args.iter().position(|a| a == "--replica-id")?;
+        self.server_args.get(at + 1).map(String::as_str)
+    }
+
+    /// `gatekey-admin audit list ARGS -o json`, as records.
+    pub fn audit_records(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let mut all = vec!["audit", "list"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&self.admin_ok(&all)).expect("audit JSON");
+        let items = v.as_array().or_else(|| v["items"].as_array()).cloned();
+        items.unwrap_or_default()
+    }
+
     pub fn server_pid(&self) -> Option<u32> {
         self.server.as_ref().map(|c| c.id())
     }

@@ -445,7 +445,7 @@ fn failures(broker: Broker) {
         },
     );
     // A replica started with a running replica's id is refused.
-    refused_with_taken_id(&rs.r[other], &replica_id(&rs.r[client]));
+    refused_with_taken_id(&rs.r[other], rs.r[client].replica_id().unwrap());
     // The agent is back through another replica, and reachable from both.
     wait_until(
         Duration::from_secs(60),
@@ -498,21 +498,10 @@ fn failures(broker: Broker) {
     rs.r[via].admin_ok(&["audit", "verify"]);
 }
 
-/// The `--replica-id` a replica was started with.
-fn replica_id(c: &Cluster) -> String {
-    let args = c.server_args();
-    let at = args.iter().position(|a| a == "--replica-id").unwrap() + 1;
-    args[at].clone()
-}
-
 /// Audit records written for a control plane that died (reason
 /// `control_plane_lost`), asked of `c`.
 fn lost_records(c: &Cluster) -> Vec<serde_json::Value> {
-    let out = c.admin_ok(&["audit", "list", "--limit", "1000", "-o", "json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let items = v.as_array().or_else(|| v["items"].as_array()).cloned();
-    items
-        .unwrap_or_default()
+    c.audit_records(&["--limit", "1000"])
         .into_iter()
         .filter(|r| r["detail"]["reason"] == "control_plane_lost")
         .collect()
@@ -521,9 +510,18 @@ fn lost_records(c: &Cluster) -> Vec<serde_json::Value> {
 /// Starts one more replica like `like`, but with the id of a running one,
 /// and checks it exits at once saying why.
 fn refused_with_taken_id(like: &Cluster, taken: &str) {
-    let mut args = like.server_args().to_vec();
-    let at = args.iter().position(|a| a == "--replica-id").unwrap() + 1;
-    args[at] = taken.to_string();
+    let own = like.replica_id().expect("a replica id");
+    let args: Vec<String> = like
+        .server_args()
+        .iter()
+        .map(|a| {
+            if a == own {
+                taken.to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
     let data = like.dir.join("twin");
     let mut child = std::process::Command::new(&like.bins.server)
         .args(["--listen", "127.0.0.1:0", "--data-dir"])

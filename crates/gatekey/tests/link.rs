@@ -40,11 +40,7 @@ fn agent_reconnects_after_control_plane_restart() {
     c.wait_for_agent("hub-1", true, &agent);
     assert_code(&c.admin_run(&["session", "exec", "hub-1", "echo back"]), 0);
     let lost = |action: &str| -> Vec<serde_json::Value> {
-        let out = c.admin_ok(&["audit", "list", "--action", action, "-o", "json"]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let items = v.as_array().or_else(|| v["items"].as_array()).cloned();
-        items
-            .unwrap_or_default()
+        c.audit_records(&["--action", action])
             .into_iter()
             .filter(|r| r["detail"]["reason"] == "control_plane_lost")
             .collect()

@@ -155,14 +155,16 @@ impl Store {
         Ok(())
     }
 
-    /// The notes of every instance that is no longer registered. Each is
+    /// The oldest 1,000 notes of instances no longer registered (the rest
+    /// at the next sweeps, so one sweep's memory is bounded). Each is
     /// written with [`Note::Take`], so that under concurrent sweeps only one
     /// writes it, and a sweep that dies leaves the rest noted.
     pub async fn orphaned_closes(&self) -> Result<Vec<OwedClose>> {
         let rows = sqlx::query(
             "SELECT close_key, instance, opened_at, action, outcome, user_name, remote_addr, agent, \
              session_id, detail FROM owed_closes \
-             WHERE instance NOT IN (SELECT instance FROM control_planes)",
+             WHERE instance NOT IN (SELECT instance FROM control_planes) \
+             ORDER BY opened_at LIMIT 1000",
         )
         .fetch_all(&self.pool)
         .await?;
