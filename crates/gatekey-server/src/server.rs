@@ -64,8 +64,9 @@ impl Server {
                         "bus_url is set but tls_cert is not: this replica makes its own self-signed certificate, which agents and clients of the other replicas will not trust (see docs/scaling.md)"
                     );
                 }
-                let bus = crate::bus::Bus::connect(url, &replica).await?;
-                tracing::info!(%replica, bus = bus.kind(), "joining the replicas on the bus");
+                let installation = store.installation_id().await?;
+                let bus = crate::bus::Bus::connect(url, &replica, &installation).await?;
+                tracing::info!(%replica, %installation, bus = bus.kind(), "joining the replicas on the bus");
                 let tunnel = crate::cluster::tunnel::TunnelConfig {
                     window: config.bus_window,
                     silence: config.replica_timeout,

@@ -118,7 +118,7 @@ fn session_queues(broker: Broker, id: &str) -> Option<Vec<String>> {
     Some(
         String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter(|l| l.contains(&format!("gatekey.session.{id}.")))
+            .filter(|l| l.starts_with("gatekey.") && l.contains(&format!(".session.{id}.")))
             .map(|l| l.trim().to_string())
             .collect(),
     )
@@ -556,6 +556,150 @@ fn replica_loss_and_broker_loss_over_nats() {
 #[test]
 fn replica_loss_and_broker_loss_over_rabbitmq() {
     failures(Broker::Amqp);
+}
+
+/// Names of the connected agents `c` lists.
+fn connected_agents(c: &Cluster) -> Vec<String> {
+    let out = c.admin_run(&["session", "list", "--all", "-o", "json"]);
+    assert_code(&out, 0);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = v.as_array().or_else(|| v["items"].as_array()).unwrap();
+    let mut names: Vec<String> = items
+        .iter()
+        .filter(|a| a["connected"] == true)
+        .filter_map(|a| a["name"].as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names
+}
+
+fn whole_log(c: &Cluster) -> String {
+    std::fs::read_to_string(c.dir.join("server.log")).unwrap_or_default()
+}
+
+/// Two installations (each its own database) on one broker never meet:
+/// each lists only its own agents and hears only its own replicas, and
+/// they may use the same replica ids.
+fn installations_on_one_broker(broker: Broker) {
+    let Some(rs) = start(broker) else { return };
+    let Some(db) = gatekey::testkit::postgres_schema_url("other") else {
+        return;
+    };
+    let _ours = rs.agent("gw-ours", &rs.r[1].url);
+    // The other installation: one replica with r1's id, on the same broker.
+    let taken = rs.r[0].replica_id().unwrap().to_string();
+    let bus = broker.url(broker.addr());
+    let other = Cluster::start_with(
+        &bins(),
+        &[
+            "--database-url",
+            &db,
+            "--bus-url",
+            &bus,
+            "--replica-id",
+            &taken,
+        ],
+    );
+    let node = other.create_node("gateway", "gw-theirs");
+    let cfg = other.agent_config("gw-theirs", &node.token, true, "");
+    let theirs = other.spawn_agent(&cfg);
+    other.wait_for_agent("gw-theirs", true, &theirs);
+    // Heartbeats go out every replica_timeout/3 (4 s here): wait for two.
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, c) in rs.r.iter().enumerate() {
+        assert_eq!(
+            connected_agents(c),
+            ["gw-ours"],
+            "listed through r{}",
+            i + 1
+        );
+        assert_eq!(whole_log(c).matches("replica joined").count(), 2);
+    }
+    assert_eq!(connected_agents(&other), ["gw-theirs"]);
+    assert!(!whole_log(&other).contains("replica joined"));
+    // Each reaches only its own agents.
+    let out = other.admin_run(&["session", "exec", "gw-ours", "true"]);
+    assert!(out.status.code() != Some(0), "{}", stdout(&out));
+    let out = rs.r[2].admin_run(&["session", "exec", "gw-ours", "echo here"]);
+    assert_code(&out, 0);
+    assert_eq!(stdout(&out), "here\n");
+    speaking_another_protocol(&rs, broker);
+}
+
+/// A replica of another protocol version, on the installation's own
+/// subjects: its requests are refused with a message that says why, and
+/// its arrival is logged as such.
+fn speaking_another_protocol(rs: &Replicas, broker: Broker) {
+    use gatekey_server::cluster::tunnel::OpenRequest;
+    let log = whole_log(&rs.r[0]);
+    let at = log.find("installation=").expect("installation id logged") + "installation=".len();
+    let installation = log[at..at + 16].to_string();
+    let out = rs.r[0].admin_run(&["session", "list", "--all", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = v
+        .as_array()
+        .or_else(|| v["items"].as_array())
+        .unwrap()
+        .clone();
+    let ours = items.iter().find(|a| a["name"] == "gw-ours").unwrap();
+    let node_id = ours["node_id"].as_str().or(ours["id"].as_str()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Kept until the end: the runtime's workers send what it buffered.
+    let _bus = rt.block_on(async {
+        let bus = gatekey_server::bus::Bus::connect(
+            &broker.url(broker.addr()),
+            "from-the-future",
+            &installation,
+        )
+        .await
+        .unwrap();
+        let open = OpenRequest {
+            id: "s_future0001".into(),
+            client_addr: None,
+            from_replica: "from-the-future".into(),
+            protocol: 99,
+            window: 1 << 20,
+            reply_to: None,
+        };
+        let mut payload = b"T".to_vec();
+        payload.extend(serde_json::to_vec(&open).unwrap());
+        payload.extend(b"\nGET /api/v1/agents/gw-ours HTTP/1.1\r\nhost: x\r\n\r\n");
+        let answer = bus
+            .request(
+                &format!("agent.{node_id}"),
+                payload.into(),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.contains("replica protocol 1") && answer.contains("protocol 99"),
+            "{answer}"
+        );
+        let beat = serde_json::json!({
+            "replica": "from-the-future", "hello": false, "protocol": 99, "version": "9.9.9"
+        });
+        bus.broadcast("replicas", serde_json::to_vec(&beat).unwrap().into())
+            .await
+            .unwrap();
+        bus
+    });
+    wait_until(Duration::from_secs(10), "the other protocol logged", || {
+        whole_log(&rs.r[1]).contains("running gatekey 9.9.9 (replica protocol 99)")
+    });
+    // It is left out of lists: they still answer at once, with our agent.
+    assert_eq!(connected_agents(&rs.r[1]), ["gw-ours"]);
+}
+
+#[test]
+fn installations_on_one_broker_never_meet_over_nats() {
+    installations_on_one_broker(Broker::Nats);
+}
+
+#[test]
+fn installations_on_one_broker_never_meet_over_rabbitmq() {
+    installations_on_one_broker(Broker::Amqp);
 }
 
 /// A replica's answer to a list question goes page by page: 6,000 agents

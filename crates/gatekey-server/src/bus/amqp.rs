@@ -32,6 +32,8 @@ pub(super) struct Amqp {
 struct Shared {
     url: String,
     replica: String,
+    /// Where answers to this replica's requests arrive.
+    reply_queue: String,
     conn: Mutex<Option<Live>>,
     pending: Mutex<HashMap<String, oneshot::Sender<Bytes>>>,
     /// Inboxes on the reply queue, by the id their messages carry.
@@ -81,10 +83,12 @@ fn broker(e: lapin::Error) -> BusError {
 }
 
 impl Amqp {
-    pub async fn connect(url: &str, replica: &str) -> Result<Amqp, BusError> {
+    /// `root` starts every queue and exchange name (see [`super::Bus`]).
+    pub async fn connect(url: &str, replica: &str, root: &str) -> Result<Amqp, BusError> {
         let shared = Arc::new(Shared {
             url: url.to_string(),
             replica: replica.to_string(),
+            reply_queue: format!("{root}reply.{replica}"),
             conn: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             inboxes: Mutex::new(HashMap::new()),
@@ -447,7 +451,7 @@ impl Shared {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(broker)?;
-        let reply_queue = reply_queue_name(&shared.replica);
+        let reply_queue = shared.reply_queue.clone();
         let replies_channel = connection.create_channel().await.map_err(broker)?;
         replies_channel
             .queue_declare(
@@ -490,7 +494,7 @@ impl Shared {
                 let mut inboxes = shared.inboxes.lock().expect("inboxes");
                 if let Some(tx) = inboxes.get(&id) {
                     let msg = Msg {
-                        subject: reply_queue_name(&shared.replica),
+                        subject: shared.reply_queue.clone(),
                         reply: None,
                         payload: Bytes::from(d.data),
                     };
@@ -520,10 +524,6 @@ fn is_locked(e: &lapin::Error) -> bool {
     use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(a)
         if matches!(a.kind(), AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED)))
-}
-
-fn reply_queue_name(replica: &str) -> String {
-    format!("gatekey.reply.{replica}")
 }
 
 /// Re-makes the connection whenever it fails, for as long as the bus lives.

@@ -79,9 +79,15 @@ pub enum BusError {
 }
 
 /// A connection to the replicas' message bus.
+///
+/// Callers name subjects relative to the installation (`agent.ID`); the
+/// bus puts every name under `gatekey.<installation>.`, so installations
+/// sharing a broker never hear each other. Reply addresses (a request's
+/// `reply`, an [`Bus::inbox`] address) are already whole.
 #[derive(Clone)]
 pub struct Bus {
     inner: Arc<Inner>,
+    root: Arc<str>,
 }
 
 enum Inner {
@@ -151,16 +157,19 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Bus {
     /// Connects to `nats://…` or `amqp://…`. `replica` names this replica's
-    /// own queues.
-    pub async fn connect(url: &str, replica: &str) -> Result<Bus, BusError> {
+    /// own queues; `installation` (the database's id, see
+    /// `Store::installation_id`) the namespace of every subject.
+    pub async fn connect(url: &str, replica: &str, installation: &str) -> Result<Bus, BusError> {
         check_url(url)?;
+        let root: Arc<str> = format!("gatekey.{installation}.").into();
         let inner = if url.starts_with("nats://") || url.starts_with("tls://") {
-            Inner::Nats(nats::Nats::connect(url).await?)
+            Inner::Nats(nats::Nats::connect(url, &root).await?)
         } else {
-            Inner::Amqp(amqp::Amqp::connect(url, replica).await?)
+            Inner::Amqp(amqp::Amqp::connect(url, replica, &root).await?)
         };
         Ok(Bus {
             inner: Arc::new(inner),
+            root,
         })
     }
 
@@ -168,7 +177,13 @@ impl Bus {
     pub fn memory(broker: &MemoryBroker) -> Bus {
         Bus {
             inner: Arc::new(Inner::Memory(broker.client())),
+            root: "gatekey.".into(),
         }
+    }
+
+    /// The broker's name for `subject`: under this installation's root.
+    pub fn name(&self, subject: &str) -> String {
+        format!("{}{subject}", self.root)
     }
 
     /// Which transport this is, for logs and the bench.
@@ -201,6 +216,11 @@ impl Bus {
     /// session's, its own). On RabbitMQ this is an exclusive, auto-deleted
     /// queue named after the subject.
     pub async fn subscribe(&self, subject: &str) -> Result<Subscription, BusError> {
+        self.subscribe_whole(&self.name(subject)).await
+    }
+
+    /// Subscribes to a subject named in full.
+    async fn subscribe_whole(&self, subject: &str) -> Result<Subscription, BusError> {
         let work = async {
             match &*self.inner {
                 Inner::Memory(m) => Ok(m.subscribe(subject)),
@@ -227,23 +247,21 @@ impl Bus {
         match &*self.inner {
             Inner::Amqp(a) => a.inbox(id),
             _ => {
-                let subject = format!("gatekey.inbox.{id}");
-                let sub = self.subscribe(&subject).await?;
-                Ok((subject, sub))
+                let address = self.name(&format!("inbox.{id}"));
+                let sub = self.subscribe_whole(&address).await?;
+                Ok((address, sub))
             }
         }
     }
 
     /// Sends to an address from [`Bus::inbox`].
     pub async fn send_to(&self, address: &str, payload: Bytes) -> Result<(), BusError> {
-        match &*self.inner {
-            Inner::Amqp(a) => a.respond(address, payload).await,
-            _ => self.publish(address, payload).await,
-        }
+        self.publish_whole(address, payload).await
     }
 
     /// Subscribes to a subject every replica hears (a broadcast).
     pub async fn subscribe_broadcast(&self, subject: &str) -> Result<Subscription, BusError> {
+        let subject = &self.name(subject);
         match &*self.inner {
             Inner::Memory(m) => Ok(m.subscribe(subject)),
             Inner::Nats(n) => n.subscribe(subject).await,
@@ -256,16 +274,29 @@ impl Bus {
     pub async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), BusError> {
         match &*self.inner {
             Inner::Memory(m) => {
-                m.publish(subject, None, payload);
+                m.publish(&self.name(subject), None, payload);
                 Ok(())
             }
-            Inner::Nats(n) => n.publish(subject, payload).await,
-            Inner::Amqp(a) => a.publish(subject, payload).await,
+            Inner::Nats(n) => n.publish(&self.name(subject), payload).await,
+            Inner::Amqp(a) => a.publish(&self.name(subject), payload).await,
+        }
+    }
+
+    /// Sends to an address named in full: a reply address, or an inbox.
+    async fn publish_whole(&self, address: &str, payload: Bytes) -> Result<(), BusError> {
+        match &*self.inner {
+            Inner::Memory(m) => {
+                m.publish(address, None, payload);
+                Ok(())
+            }
+            Inner::Nats(n) => n.publish(address, payload).await,
+            Inner::Amqp(a) => a.respond(address, payload).await,
         }
     }
 
     /// Sends to every replica listening on a broadcast subject.
     pub async fn broadcast(&self, subject: &str, payload: Bytes) -> Result<(), BusError> {
+        let subject = &self.name(subject);
         match &*self.inner {
             Inner::Memory(m) => {
                 m.publish(subject, None, payload);
@@ -283,6 +314,7 @@ impl Bus {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, BusError> {
+        let subject = &self.name(subject);
         let work = async {
             match &*self.inner {
                 Inner::Memory(m) => m.request(subject, payload).await,
@@ -300,16 +332,9 @@ impl Bus {
 
     /// Answers a request.
     pub async fn respond(&self, to: &Msg, payload: Bytes) -> Result<(), BusError> {
-        let Some(reply) = &to.reply else {
-            return Ok(());
-        };
-        match &*self.inner {
-            Inner::Memory(m) => {
-                m.publish(reply, None, payload);
-                Ok(())
-            }
-            Inner::Nats(n) => n.publish(reply, payload).await,
-            Inner::Amqp(a) => a.respond(reply, payload).await,
+        match &to.reply {
+            Some(reply) => self.publish_whole(reply, payload).await,
+            None => Ok(()),
         }
     }
 

@@ -19,7 +19,7 @@ pub(super) struct Nats {
 }
 
 impl Nats {
-    pub async fn connect(url: &str) -> Result<Nats, BusError> {
+    pub async fn connect(url: &str, root: &str) -> Result<Nats, BusError> {
         let (lost, _) = watch::channel(0u64);
         let up = Arc::new(AtomicBool::new(true));
         let events = {
@@ -52,6 +52,9 @@ impl Nats {
         };
         let client = ConnectOptions::new()
             .name("gatekey-server")
+            // Answers too stay under the installation's root, so a NATS
+            // user limited to `gatekey.<installation>.>` can do everything.
+            .custom_inbox_prefix(format!("{root}_INBOX"))
             .connection_timeout(Duration::from_secs(5))
             .ping_interval(Duration::from_secs(10))
             .subscription_capacity(SUBSCRIPTION_BUFFER)

@@ -1,8 +1,8 @@
 //! Control-plane replicas working as one (docs/scaling.md).
 //!
-//! Each replica listens on the bus for its agents (`gatekey.agent.ID`) and
-//! for itself (`gatekey.replica.ID`), and hears the others' heartbeats on
-//! `gatekey.replicas`. A request that concerns an agent held by another
+//! Each replica listens on the bus for its agents (`agent.ID`) and for
+//! itself (`replica.ID`), and hears the others' heartbeats on `replicas`
+//! (all under the installation's root, see [`Bus`]). A request that concerns an agent held by another
 //! replica is carried there whole, through a [`tunnel`], and served by that
 //! replica's own API as if its client were connected to it: the same checks,
 //! the same session table (so consoles are shared, observed and taken over
@@ -24,14 +24,28 @@ use crate::registry::AgentConn;
 use crate::state::AppState;
 use tunnel::TunnelConfig;
 
-const REPLICAS: &str = "gatekey.replicas";
+const REPLICAS: &str = "replicas";
+
+/// The version of what replicas say to each other. Raise it with any
+/// change an older replica would misread: replicas of different versions
+/// then refuse each other's requests with a message that says so, and
+/// leave each other out of lists, rather than misunderstand each other.
+pub const PROTOCOL: u32 = 1;
+
+/// Why a replica of another protocol version cannot serve a request.
+pub fn protocol_mismatch(replica: &str, theirs: u32) -> String {
+    format!(
+        "replica {replica} runs gatekey {} (replica protocol {PROTOCOL}) and cannot serve a request from a replica of protocol {theirs}: run one gatekey version on every replica",
+        env!("CARGO_PKG_VERSION")
+    )
+}
 
 pub fn agent_subject(node_id: &str) -> String {
-    format!("gatekey.agent.{node_id}")
+    format!("agent.{node_id}")
 }
 
 pub fn replica_subject(replica: &str) -> String {
-    format!("gatekey.replica.{replica}")
+    format!("replica.{replica}")
 }
 
 /// Ids that go into subjects and queue names: short, and nothing a broker
@@ -162,7 +176,7 @@ pub struct Cluster {
     pub ask_timeout: Duration,
     heartbeat: Duration,
     /// Other replicas, by id, with when they were last heard.
-    peers: Mutex<HashMap<String, Instant>>,
+    peers: Mutex<HashMap<String, Peer>>,
     router: OnceLock<axum::Router>,
     /// Agent name or id → (node id, name), so that routing a request costs
     /// no database query; entries live `NODE_CACHE_TTL`.
@@ -179,6 +193,12 @@ pub struct Cluster {
 const CALLER_CACHE_TTL: Duration = Duration::from_secs(5);
 
 const NODE_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// Another replica, as its heartbeats describe it.
+struct Peer {
+    seen: Instant,
+    protocol: u32,
+}
 
 impl Cluster {
     pub fn new(bus: Bus, replica: String, tunnel: TunnelConfig, heartbeat: Duration) -> Cluster {
@@ -271,15 +291,19 @@ impl Cluster {
         self.nodes.lock().expect("nodes").remove(reference);
     }
 
-    /// Replicas heard from recently, except this one.
-    /// A replica heard within four `replica_timeout`s is asked: one that is
-    /// gone answers "no responders" at once, so a late heartbeat never
-    /// hides a live replica's agents and sessions.
+    /// Replicas of this protocol version heard from recently, except this
+    /// one. A replica heard within four `replica_timeout`s is asked: one
+    /// that is gone answers "no responders" at once, so a late heartbeat
+    /// never hides a live replica's agents and sessions.
     pub fn live_peers(&self) -> Vec<String> {
         let forget_after = self.heartbeat * 12;
         let mut peers = self.peers.lock().expect("peers");
-        peers.retain(|_, seen| seen.elapsed() < forget_after);
-        let mut v: Vec<String> = peers.keys().cloned().collect();
+        peers.retain(|_, p| p.seen.elapsed() < forget_after);
+        let mut v: Vec<String> = peers
+            .iter()
+            .filter(|(_, p)| p.protocol == PROTOCOL)
+            .map(|(id, _)| id.clone())
+            .collect();
         v.sort();
         v
     }
@@ -530,6 +554,11 @@ async fn serve_tunnel(state: &AppState, cluster: &Cluster, msg: &Msg) {
         tunnel::refuse(&cluster.bus, msg, "malformed tunnel request").await;
         return;
     };
+    if request.protocol != PROTOCOL {
+        let why = protocol_mismatch(&cluster.replica, request.protocol);
+        tunnel::refuse(&cluster.bus, msg, &why).await;
+        return;
+    }
     let Some(router) = cluster.router.get().cloned() else {
         tunnel::refuse(&cluster.bus, msg, "the replica is starting").await;
         return;
@@ -647,6 +676,23 @@ struct Heartbeat {
     replica: String,
     /// A new replica asks the others to introduce themselves at once.
     hello: bool,
+    /// [`PROTOCOL`] and the gatekey version of the sender (0 and empty
+    /// from versions before they were sent).
+    #[serde(default)]
+    protocol: u32,
+    #[serde(default)]
+    version: String,
+}
+
+impl Heartbeat {
+    fn of(cluster: &Cluster, hello: bool) -> Heartbeat {
+        Heartbeat {
+            replica: cluster.replica.clone(),
+            hello,
+            protocol: PROTOCOL,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
 }
 
 async fn send_heartbeats(state: AppState) {
@@ -657,10 +703,7 @@ async fn send_heartbeats(state: AppState) {
     let mut tick = tokio::time::interval(cluster.heartbeat);
     loop {
         tick.tick().await;
-        let beat = Heartbeat {
-            replica: cluster.replica.clone(),
-            hello,
-        };
+        let beat = Heartbeat::of(&cluster, hello);
         let body = serde_json::to_vec(&beat).expect("serializable");
         match cluster.bus.broadcast(REPLICAS, Bytes::from(body)).await {
             Ok(()) => hello = false,
@@ -685,20 +728,29 @@ async fn listen_heartbeats(state: AppState, first: Option<Subscription>) {
         if beat.replica == cluster.replica || !valid_id(&beat.replica) {
             continue;
         }
+        let peer = Peer {
+            seen: Instant::now(),
+            protocol: beat.protocol,
+        };
         let new = cluster
             .peers
             .lock()
             .expect("peers")
-            .insert(beat.replica.clone(), Instant::now())
+            .insert(beat.replica.clone(), peer)
             .is_none();
-        if new {
+        if new && beat.protocol == PROTOCOL {
             tracing::info!(replica = %beat.replica, "replica joined");
+        } else if new {
+            tracing::warn!(
+                replica = %beat.replica,
+                "replica joined running gatekey {} (replica protocol {}), this one runs {} (protocol {PROTOCOL}): they refuse each other's requests and leave each other out of lists until every replica runs one version",
+                if beat.version.is_empty() { "of an older version" } else { &beat.version },
+                beat.protocol,
+                env!("CARGO_PKG_VERSION"),
+            );
         }
         if beat.hello {
-            let reply = Heartbeat {
-                replica: cluster.replica.clone(),
-                hello: false,
-            };
+            let reply = Heartbeat::of(&cluster, false);
             let body = serde_json::to_vec(&reply).expect("serializable");
             let _ = cluster.bus.broadcast(REPLICAS, Bytes::from(body)).await;
         }

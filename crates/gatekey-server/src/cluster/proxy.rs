@@ -77,6 +77,7 @@ pub async fn route(State(state): State<AppState>, req: Request, next: Next) -> R
         id: String::new(),
         client_addr: addr,
         from_replica: cluster.replica.clone(),
+        protocol: super::PROTOCOL,
         window: 0,
         reply_to: None,
     };

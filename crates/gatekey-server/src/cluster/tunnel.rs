@@ -5,7 +5,7 @@
 //! other replica and no broker queue grows past the window.
 //!
 //! Each tunnel carries one session (or one request) and uses two subjects
-//! named after it: `gatekey.session.ID.up` (towards the agent's replica)
+//! named after it: `session.ID.up` (towards the agent's replica)
 //! and `…down` (towards the client's). On RabbitMQ they are auto-deleted
 //! queues that vanish with the session. Either side pings when idle; a side
 //! that hears nothing for `silence` ends the tunnel, as does a lost broker
@@ -62,6 +62,10 @@ pub struct OpenRequest {
     pub client_addr: Option<SocketAddr>,
     /// The replica the client is connected to.
     pub from_replica: String,
+    /// The opening replica's [`super::PROTOCOL`] (0 from versions before
+    /// it was sent).
+    #[serde(default)]
+    pub protocol: u32,
     pub window: u32,
     /// Set when the open request carries the whole request and the opening
     /// side will send nothing more (see [`open_whole`]): where the answer
@@ -89,11 +93,11 @@ pub enum OpenError {
 }
 
 fn up(id: &str) -> String {
-    format!("gatekey.session.{id}.up")
+    format!("session.{id}.up")
 }
 
 fn down(id: &str) -> String {
-    format!("gatekey.session.{id}.down")
+    format!("session.{id}.down")
 }
 
 /// Inboxes (`down` subscriptions, each under a fresh session id) made
@@ -177,7 +181,7 @@ pub fn open(
     config: TunnelConfig,
     inbox: Subscription,
 ) -> Tunnel {
-    let peer = up(&request.id);
+    let peer = bus.name(&up(&request.id));
     opening(bus, subject, request, config, inbox, false, peer)
 }
 
@@ -284,7 +288,8 @@ pub fn accept(
         subject: up(&request.id),
         request: msg.clone(),
     };
-    start(bus.clone(), inbox, down(&request.id), config, None, first)
+    let peer = bus.name(&down(&request.id));
+    start(bus.clone(), inbox, peer, config, None, first)
 }
 
 /// Refuses an open request with a message for the client's replica.
@@ -352,6 +357,7 @@ enum Inbox {
     },
 }
 
+/// `peer` is the far side's address named in full (for [`Bus::send_to`]).
 fn start(
     bus: Bus,
     inbox: Inbox,
@@ -770,6 +776,7 @@ mod tests {
             id: id.into(),
             client_addr: None,
             from_replica: "a".into(),
+            protocol: crate::cluster::PROTOCOL,
             window: 0,
             reply_to: None,
         }

@@ -107,6 +107,15 @@ const MIGRATIONS: &[(i64, &str)] = &[
     );
     CREATE INDEX audit_log_session ON audit_log(session_id)",
     ),
+    (
+        4,
+        // The installation's id, which names its subjects and queues on
+        // the message broker (store/installation.rs).
+        "CREATE TABLE installation (
+        k BIGINT PRIMARY KEY,
+        id TEXT NOT NULL
+    )",
+    ),
 ];
 
 /// Applies what is missing. On PostgreSQL one replica at a time (an

@@ -8,6 +8,7 @@
 
 mod audit;
 mod identity;
+mod installation;
 mod links;
 mod migrations;
 mod owed;

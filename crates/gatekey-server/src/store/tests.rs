@@ -136,6 +136,19 @@ async fn exercise(store: &Store, url: &str) {
     audit_chain(store, url).await;
     owed_closes(store).await;
     link_claims(store).await;
+    installation_id(store).await;
+}
+
+/// One installation id, whoever asks first and however many ask at once.
+async fn installation_id(store: &Store) {
+    let ids = futures_util::future::join_all((0..4).map(|_| store.installation_id())).await;
+    let first = ids[0].as_ref().unwrap().clone();
+    assert_eq!(first.len(), 16, "{first}");
+    assert!(first.bytes().all(|b| b.is_ascii_hexdigit()), "{first}");
+    for id in ids {
+        assert_eq!(id.unwrap(), first);
+    }
+    assert_eq!(store.installation_id().await.unwrap(), first);
 }
 
 /// One claim per node: atomic, taken over only from the link that holds it.
