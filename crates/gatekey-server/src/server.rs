@@ -53,6 +53,7 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::Listen(format!("cannot listen on {}: {e}", config.listen)))?;
+        let instance = secret::random_hex(8);
         let cluster = match &config.bus_url {
             Some(url) => {
                 let replica = config
@@ -75,6 +76,7 @@ impl Server {
                 let cluster = crate::cluster::Cluster::new(
                     bus,
                     replica.clone(),
+                    instance.clone(),
                     tunnel,
                     config.replica_timeout / 3,
                 );
@@ -82,6 +84,7 @@ impl Server {
                 // one would close the other's sessions in the audit log.
                 if config.replica_id.is_some() {
                     cluster.check_id_free().await?;
+                    cluster.claim_id().await?;
                 }
                 Some(Arc::new(cluster))
             }
@@ -93,7 +96,7 @@ impl Server {
             registry: Registry::default(),
             sessions: Default::default(),
             cluster,
-            instance: secret::random_hex(8),
+            instance,
             stopping: Default::default(),
         });
         crate::lease::start(&state).await?;

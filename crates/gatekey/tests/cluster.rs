@@ -446,6 +446,7 @@ fn failures(broker: Broker) {
     );
     // A replica started with a running replica's id is refused.
     refused_with_taken_id(&rs.r[other], rs.r[client].replica_id().unwrap());
+    twins_started_together(&rs.r[other]);
     // The agent is back through another replica, and reachable from both.
     wait_until(
         Duration::from_secs(60),
@@ -546,6 +547,124 @@ fn refused_with_taken_id(like: &Cluster, taken: &str) {
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert_eq!(status.code(), Some(78), "{err}");
     assert!(err.contains("already used by a running replica"), "{err}");
+}
+
+/// Two processes started at the same moment with one new replica id (as
+/// `like`'s, but unused): at most one runs, and the other says why.
+fn twins_started_together(like: &Cluster) {
+    let own = like.replica_id().expect("a replica id");
+    let twin_id = format!("{own}-twin");
+    let args: Vec<String> = like
+        .server_args()
+        .iter()
+        .map(|a| if a == own { twin_id.clone() } else { a.clone() })
+        .collect();
+    let mut twins: Vec<std::process::Child> = ["twin-a", "twin-b"]
+        .iter()
+        .map(|dir| {
+            std::process::Command::new(&like.bins.server)
+                .args(["--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(like.dir.join(dir))
+                .args(&args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // One is refused at once; the other is given time to be refused too.
+    wait_until(Duration::from_secs(20), "a twin to be refused", || {
+        twins.iter_mut().any(|t| t.try_wait().unwrap().is_some())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let mut running = 0;
+    for twin in &mut twins {
+        match twin.try_wait().unwrap() {
+            None => {
+                running += 1;
+                twin.kill().ok();
+                twin.wait().ok();
+            }
+            Some(status) => {
+                let mut err = String::new();
+                std::io::Read::read_to_string(twin.stderr.as_mut().unwrap(), &mut err).unwrap();
+                assert_eq!(status.code(), Some(78), "{err}");
+                assert!(err.contains("already used by a running replica"), "{err}");
+            }
+        }
+    }
+    assert!(
+        running <= 1,
+        "both processes with replica_id {twin_id} started"
+    );
+}
+
+/// Two replicas that check one replica id at the very same moment (both
+/// see it free, since neither listens yet) do not both claim it.
+async fn one_id_claimed_at_once(broker: Broker) {
+    use gatekey_server::bus::Bus;
+    use gatekey_server::cluster::{Cluster, tunnel::TunnelConfig};
+    let url = broker.url(broker.addr());
+    let installation = gatekey_server::secret::random_hex(8);
+    let config = TunnelConfig {
+        window: 1 << 20,
+        silence: Duration::from_secs(4),
+        open_timeout: Duration::from_secs(2),
+    };
+    let replica = format!("t{}-same-{}", std::process::id(), &installation[..6]);
+    let claim = |instance: &'static str| {
+        let (url, installation, replica) = (url.clone(), installation.clone(), replica.clone());
+        async move {
+            // On RabbitMQ the second connection is refused at once: the
+            // replica's reply queue is exclusive.
+            let bus = Bus::connect(&url, &replica, &installation).await?;
+            let c = Cluster::new(
+                bus,
+                replica,
+                instance.into(),
+                config,
+                Duration::from_secs(1),
+            );
+            c.check_id_free().await?;
+            c.claim_id().await?;
+            Ok::<_, gatekey_server::bus::BusError>(c)
+        }
+    };
+    let (a, b) = tokio::join!(claim("a"), claim("b"));
+    assert!(
+        a.is_err() || b.is_err(),
+        "two processes claimed replica id {replica}"
+    );
+    for e in [a.err(), b.err()].into_iter().flatten() {
+        assert!(
+            matches!(e, gatekey_server::bus::BusError::IdTaken(_)),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn one_replica_id_claimed_at_once_over_nats() {
+    if std::net::TcpStream::connect(Broker::Nats.addr()).is_err() {
+        eprintln!("SKIP: no NATS at {}", Broker::Nats.addr());
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for _ in 0..5 {
+        rt.block_on(one_id_claimed_at_once(Broker::Nats));
+    }
+}
+
+#[test]
+fn one_replica_id_claimed_at_once_over_rabbitmq() {
+    if std::net::TcpStream::connect(Broker::Amqp.addr()).is_err() {
+        eprintln!("SKIP: no RabbitMQ at {}", Broker::Amqp.addr());
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for _ in 0..5 {
+        rt.block_on(one_id_claimed_at_once(Broker::Amqp));
+    }
 }
 
 #[test]

@@ -169,6 +169,12 @@ fn page(mut items: Vec<(String, serde_json::Value)>, after: Option<&str>, budget
 pub struct Cluster {
     pub bus: Bus,
     pub replica: String,
+    /// This process (the lease's instance id): tells it from another
+    /// process claiming the same replica id.
+    instance: String,
+    /// The subscription to this replica's own subject made by
+    /// [`Cluster::claim_id`], until [`Cluster::start`] listens on it.
+    claimed: Mutex<Option<Subscription>>,
     pub tunnel: TunnelConfig,
     /// Where the tunnels this replica opens hear back.
     pub inboxes: Arc<tunnel::Inboxes>,
@@ -201,11 +207,19 @@ struct Peer {
 }
 
 impl Cluster {
-    pub fn new(bus: Bus, replica: String, tunnel: TunnelConfig, heartbeat: Duration) -> Cluster {
+    pub fn new(
+        bus: Bus,
+        replica: String,
+        instance: String,
+        tunnel: TunnelConfig,
+        heartbeat: Duration,
+    ) -> Cluster {
         Cluster {
             inboxes: tunnel::Inboxes::new(bus.clone()),
             bus,
             replica,
+            instance,
+            claimed: Mutex::new(None),
             // A replica that is gone is "no responders" at once; only a
             // hung one makes a list wait, and not for long.
             ask_timeout: tunnel.open_timeout.min(Duration::from_secs(2)),
@@ -228,10 +242,16 @@ impl Cluster {
         let _ = cluster.router.set(router);
         // Listening is retried by the listeners themselves; the first
         // failure is reported to the caller for the log.
-        let own = cluster
-            .bus
-            .subscribe(&replica_subject(&cluster.replica))
-            .await;
+        let claimed = cluster.claimed.lock().expect("claimed").take();
+        let own = match claimed {
+            Some(own) => Ok(own),
+            None => {
+                cluster
+                    .bus
+                    .subscribe(&replica_subject(&cluster.replica))
+                    .await
+            }
+        };
         let heard = cluster.bus.subscribe_broadcast(REPLICAS).await;
         let failed = own.as_ref().err().or(heard.as_ref().err()).cloned();
         tokio::spawn(listen_replica(state.clone(), own.ok()));
@@ -356,6 +376,71 @@ impl Cluster {
         }
     }
 
+    /// Claims the replica id against another process claiming it at the
+    /// same moment (which [`Cluster::check_id_free`] cannot see: neither
+    /// answers yet). Listens on the replica's subject, tells whoever else
+    /// listens there, and waits `ask_timeout`/4 for an answer: from a
+    /// replica that runs, or one that is claiming too (which then fails as
+    /// well, so a tie starts neither). RabbitMQ already refuses a second
+    /// listener on the exclusive queue.
+    pub async fn claim_id(&self) -> Result<(), BusError> {
+        let subject = replica_subject(&self.replica);
+        let mut own = self.bus.subscribe(&subject).await?;
+        let (address, mut answers) = self.bus.inbox(&crate::live::new_session_id()).await?;
+        let claim = Claim {
+            instance: self.instance.clone(),
+            reply: address,
+        };
+        self.bus.publish(&subject, claim.message()).await?;
+        let until = tokio::time::Instant::now() + self.ask_timeout / 4;
+        let mut taken = false;
+        loop {
+            tokio::select! {
+                Some(m) = own.next() => taken |= self.while_claiming(&m).await,
+                Some(_) = answers.next() => taken = true,
+                _ = tokio::time::sleep_until(until) => break,
+            }
+        }
+        if taken {
+            return Err(BusError::IdTaken(self.replica.clone()));
+        }
+        *self.claimed.lock().expect("claimed") = Some(own);
+        Ok(())
+    }
+
+    /// A message on this replica's subject before it serves anything:
+    /// answered as an empty replica would. Returns whether another process
+    /// claims the id.
+    async fn while_claiming(&self, msg: &Msg) -> bool {
+        match msg.payload.first() {
+            Some(b'C') => match Claim::parse(msg) {
+                Some(c) if c.instance != self.instance => {
+                    let _ = self
+                        .bus
+                        .send_to(&c.reply, Bytes::from_static(b"taken"))
+                        .await;
+                    true
+                }
+                _ => false,
+            },
+            Some(b'J') => {
+                let answer = match serde_json::from_slice::<Query>(&msg.payload[1..]) {
+                    Ok(Query::HasSession { .. }) => serde_json::Value::Bool(false),
+                    Ok(_) => serde_json::to_value(Page::default()).unwrap_or_default(),
+                    Err(_) => serde_json::Value::Null,
+                };
+                let body = serde_json::to_vec(&answer).expect("serializable");
+                let _ = self.bus.respond(msg, Bytes::from(body)).await;
+                false
+            }
+            Some(b'T') => {
+                tunnel::refuse(&self.bus, msg, "the replica is starting").await;
+                false
+            }
+            _ => false,
+        }
+    }
+
     /// Asks every live peer at once; peers that fail are logged and left out.
     async fn gather(&self, query: &Query) -> Vec<(String, serde_json::Value)> {
         let peers = self.live_peers();
@@ -423,6 +508,26 @@ impl Cluster {
 fn digest(credential: &str) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, credential.as_bytes());
     d.as_ref().try_into().expect("32 bytes")
+}
+
+/// A process claiming a replica id (see [`Cluster::claim_id`]).
+#[derive(Serialize, Deserialize)]
+struct Claim {
+    instance: String,
+    /// Where to say the id is taken.
+    reply: String,
+}
+
+impl Claim {
+    fn message(&self) -> Bytes {
+        let mut b = vec![b'C'];
+        b.extend(serde_json::to_vec(self).expect("serializable"));
+        Bytes::from(b)
+    }
+
+    fn parse(msg: &Msg) -> Option<Claim> {
+        serde_json::from_slice(msg.payload.strip_prefix(b"C")?).ok()
+    }
 }
 
 /// Answers to `ask_agent`.
@@ -620,6 +725,18 @@ async fn listen_replica(state: AppState, first: Option<Subscription>) {
             match msg.payload.first() {
                 Some(b'T') => serve_tunnel(&state, &cluster, &msg).await,
                 Some(b'X') => cluster.stop_serving(&msg),
+                Some(b'C') => {
+                    // Another process claims this replica's id.
+                    if let Some(c) = Claim::parse(&msg)
+                        && c.instance != cluster.instance
+                    {
+                        tracing::warn!(replica = %cluster.replica, "another process tried to start with this replica_id; it was refused");
+                        let _ = cluster
+                            .bus
+                            .send_to(&c.reply, Bytes::from_static(b"taken"))
+                            .await;
+                    }
+                }
                 Some(b'J') => {
                     let answer = match serde_json::from_slice::<Query>(&msg.payload[1..]) {
                         Ok(q) => answer(&state, &cluster, q),
