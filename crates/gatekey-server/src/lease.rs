@@ -24,12 +24,9 @@ pub const REASON_CONTROL_PLANE_LOST: &str = "control_plane_lost";
 /// lease has run out.
 pub async fn start(state: &AppState) -> Result<(), StoreError> {
     let store = &state.store;
+    let started = store.clock_ms().await?;
     store
-        .instance_started(
-            &state.instance,
-            &state.replica_name(),
-            store.clock_ms().await?,
-        )
+        .instance_started(&state.instance, &state.replica_name(), started)
         .await?;
     match (&state.cluster, &state.config.replica_id) {
         (None, _) if store.is_sqlite() => store.predecessors_dead(&state.instance, None).await?,
@@ -43,6 +40,7 @@ pub async fn start(state: &AppState) -> Result<(), StoreError> {
         let mut tick = tokio::time::interval(every);
         tick.tick().await;
         let mut renewed = std::time::Instant::now();
+        let mut warned = std::collections::HashSet::new();
         loop {
             tick.tick().await;
             if state.stopping.load(Ordering::Relaxed) {
@@ -57,6 +55,9 @@ pub async fn start(state: &AppState) -> Result<(), StoreError> {
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot renew this control plane's lease in the database")
                 }
+            }
+            if let Err(e) = check_peers(&state, started, &mut warned).await {
+                tracing::debug!(error = %e, "cannot list the other control planes");
             }
         }
     });
@@ -191,6 +192,45 @@ async fn check_claims(state: &State, now: i64) -> Result<(), StoreError> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// Warns (once for each) about control planes that run on this database
+/// but cannot reach this one: one started without `bus_url`, or one not
+/// heard on the bus (another `bus_url`, or a broker that does not reach
+/// it). Their agents are out of reach from here, and ours from there.
+async fn check_peers(
+    state: &State,
+    started: i64,
+    warned: &mut std::collections::HashSet<String>,
+) -> Result<(), StoreError> {
+    let store = &state.store;
+    let now = store.clock_ms().await?;
+    let grace = state.config.replica_timeout.as_millis() as i64;
+    if now - started < grace {
+        return Ok(());
+    }
+    // Renewed since we started: alive (not a predecessor yet to expire).
+    for (replica, their_start) in store
+        .instances_renewed_after(&state.instance, started)
+        .await?
+    {
+        if now - their_start < grace || warned.contains(&replica) {
+            continue;
+        }
+        match &state.cluster {
+            None => tracing::warn!(
+                %replica,
+                "another control plane runs on this database, but this one has no bus_url: neither can reach the other's agents; give every control plane on one database the same bus_url"
+            ),
+            Some(c) if !c.heard(&replica) && replica != c.replica => tracing::warn!(
+                %replica,
+                "a replica renews its lease in this database but is not heard on the message bus: check that every replica has the same bus_url, and that the broker reaches it; until then neither reaches the other's agents"
+            ),
+            Some(_) => continue,
+        }
+        warned.insert(replica);
     }
     Ok(())
 }

@@ -667,6 +667,57 @@ fn one_replica_id_claimed_at_once_over_rabbitmq() {
     }
 }
 
+/// Control planes on one database that cannot reach each other (one on
+/// NATS, one on RabbitMQ, one without a bus) each say so in their log.
+#[test]
+fn control_planes_on_one_database_that_cannot_meet_are_told() {
+    for b in [Broker::Nats, Broker::Amqp] {
+        if std::net::TcpStream::connect(b.addr()).is_err() {
+            eprintln!("SKIP: no {b:?} broker at {}", b.addr());
+            return;
+        }
+    }
+    let Some(db) = gatekey::testkit::postgres_schema_url("apart") else {
+        eprintln!("SKIP: no PostgreSQL (set GATEKEY_TEST_POSTGRES_URL)");
+        return;
+    };
+    let config = std::env::temp_dir().join(format!("gatekey-apart-{}.yaml", std::process::id()));
+    std::fs::write(&config, "replica_timeout: 3s\n").unwrap();
+    let config = config.display().to_string();
+    let run = format!("t{}apart", std::process::id());
+    let (nats_url, amqp_url) = (
+        Broker::Nats.url(Broker::Nats.addr()),
+        Broker::Amqp.url(Broker::Amqp.addr()),
+    );
+    let (on_nats, on_amqp) = (format!("{run}-n"), format!("{run}-a"));
+    let base = ["--config", &config, "--database-url", &db];
+    let with = |bus: &str, id: &str| {
+        let mut a = base.to_vec();
+        a.extend(["--bus-url", bus, "--replica-id", id]);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let first_args = with(&nats_url, &on_nats);
+    let n = Cluster::start_with(
+        &bins(),
+        &first_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let amqp_args = with(&amqp_url, &on_amqp);
+    let a = Cluster::start_replica(
+        &n,
+        &amqp_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let lone = Cluster::start_replica(&n, &base);
+    let unheard = "is not heard on the message bus";
+    wait_until(Duration::from_secs(30), "the warnings", || {
+        let (nl, al, ll) = (whole_log(&n), whole_log(&a), whole_log(&lone));
+        nl.contains(unheard)
+            && nl.contains(&format!("replica={on_amqp}"))
+            && al.contains(unheard)
+            && al.contains(&format!("replica={on_nats}"))
+            && ll.contains("this one has no bus_url")
+    });
+}
+
 #[test]
 fn replica_loss_and_broker_loss_over_nats() {
     failures(Broker::Nats);
@@ -743,6 +794,11 @@ fn installations_on_one_broker(broker: Broker) {
     assert_code(&out, 0);
     assert_eq!(stdout(&out), "here\n");
     speaking_another_protocol(&rs, broker);
+    // Replicas of one installation hear each other: no warning that one
+    // renews its lease but is not heard.
+    for c in &rs.r {
+        assert!(!whole_log(c).contains("not heard on the message bus"));
+    }
 }
 
 /// A replica of another protocol version, on the installation's own

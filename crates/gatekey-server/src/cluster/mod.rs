@@ -328,6 +328,16 @@ impl Cluster {
         v
     }
 
+    /// Whether `replica`'s heartbeats are heard here (of any protocol).
+    pub fn heard(&self, replica: &str) -> bool {
+        let forget_after = self.heartbeat * 12;
+        self.peers
+            .lock()
+            .expect("peers")
+            .get(replica)
+            .is_some_and(|p| p.seen.elapsed() < forget_after)
+    }
+
     /// Asks one replica; a list answer is followed page by page and
     /// returned whole, as an array.
     async fn ask_all(&self, replica: &str, query: &Query) -> Result<serde_json::Value, BusError> {

@@ -125,6 +125,25 @@ impl Store {
             .collect()
     }
 
+    /// The other control planes that renewed their lease after `since`:
+    /// (replica id, started at), by the database's clock.
+    pub async fn instances_renewed_after(
+        &self,
+        instance: &str,
+        since: i64,
+    ) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT replica_id, started_at FROM control_planes WHERE seen_at > $1 AND instance <> $2",
+        )
+        .bind(since)
+        .bind(instance)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("replica_id")?, r.try_get("started_at")?)))
+            .collect()
+    }
+
     /// How many notes `instance` holds.
     pub async fn owed_by(&self, instance: &str) -> Result<i64> {
         Ok(
