@@ -635,11 +635,20 @@ async fn one_id_claimed_at_once(broker: Broker) {
         a.is_err() || b.is_err(),
         "two processes claimed replica id {replica}"
     );
-    for e in [a.err(), b.err()].into_iter().flatten() {
+    let winner = a.as_ref().ok().or(b.as_ref().ok()).is_some();
+    for e in [a.as_ref().err(), b.as_ref().err()].into_iter().flatten() {
         assert!(
             matches!(e, gatekey_server::bus::BusError::IdTaken(_)),
             "{e}"
         );
+    }
+    // A claim made, not yet serving: a later claimer is refused too.
+    if winner {
+        match claim("c").await {
+            Err(gatekey_server::bus::BusError::IdTaken(_)) => {}
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a later process claimed replica id {replica} too"),
+        }
     }
 }
 

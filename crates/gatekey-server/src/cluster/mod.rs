@@ -173,8 +173,9 @@ pub struct Cluster {
     /// process claiming the same replica id.
     instance: String,
     /// The subscription to this replica's own subject made by
-    /// [`Cluster::claim_id`], until [`Cluster::start`] listens on it.
-    claimed: Mutex<Option<Subscription>>,
+    /// [`Cluster::claim_id`], still answering (so that a later claim is
+    /// refused) until [`Cluster::start`] stops it and listens on it.
+    claimed: Mutex<Option<ClaimHeld>>,
     pub tunnel: TunnelConfig,
     /// Where the tunnels this replica opens hear back.
     pub inboxes: Arc<tunnel::Inboxes>,
@@ -243,7 +244,11 @@ impl Cluster {
         // Listening is retried by the listeners themselves; the first
         // failure is reported to the caller for the log.
         let claimed = cluster.claimed.lock().expect("claimed").take();
-        let own = match claimed {
+        let held = match claimed {
+            Some(held) => held.release().await,
+            None => None,
+        };
+        let own = match held {
             Some(own) => Ok(own),
             None => {
                 cluster
@@ -389,9 +394,11 @@ impl Cluster {
     /// Claims the replica id against another process claiming it at the
     /// same moment (which [`Cluster::check_id_free`] cannot see: neither
     /// answers yet). Listens on the replica's subject, tells whoever else
-    /// listens there, and waits `ask_timeout`/4 for an answer: from a
-    /// replica that runs, or one that is claiming too (which then fails as
-    /// well, so a tie starts neither). RabbitMQ already refuses a second
+    /// listens there, and waits `ask_timeout`/4 (at least 100 ms) for an
+    /// answer: from a replica that runs, or one that is claiming too (which
+    /// then fails as well, so a tie starts neither). Until
+    /// [`Cluster::start`], later claims are answered "taken" and questions
+    /// as an empty replica would. RabbitMQ already refuses a second
     /// listener on the exclusive queue.
     pub async fn claim_id(&self) -> Result<(), BusError> {
         let subject = replica_subject(&self.replica);
@@ -402,11 +409,12 @@ impl Cluster {
             reply: address,
         };
         self.bus.publish(&subject, claim.message()).await?;
-        let until = tokio::time::Instant::now() + self.ask_timeout / 4;
+        let window = (self.ask_timeout / 4).max(Duration::from_millis(100));
+        let until = tokio::time::Instant::now() + window;
         let mut taken = false;
         loop {
             tokio::select! {
-                Some(m) = own.next() => taken |= self.while_claiming(&m).await,
+                Some(m) = own.next() => taken |= while_claiming(&self.bus, &self.instance, &m).await,
                 Some(_) = answers.next() => taken = true,
                 _ = tokio::time::sleep_until(until) => break,
             }
@@ -414,41 +422,9 @@ impl Cluster {
         if taken {
             return Err(BusError::IdTaken(self.replica.clone()));
         }
-        *self.claimed.lock().expect("claimed") = Some(own);
+        let held = ClaimHeld::keep(self.bus.clone(), self.instance.clone(), own);
+        *self.claimed.lock().expect("claimed") = Some(held);
         Ok(())
-    }
-
-    /// A message on this replica's subject before it serves anything:
-    /// answered as an empty replica would. Returns whether another process
-    /// claims the id.
-    async fn while_claiming(&self, msg: &Msg) -> bool {
-        match msg.payload.first() {
-            Some(b'C') => match Claim::parse(msg) {
-                Some(c) if c.instance != self.instance => {
-                    let _ = self
-                        .bus
-                        .send_to(&c.reply, Bytes::from_static(b"taken"))
-                        .await;
-                    true
-                }
-                _ => false,
-            },
-            Some(b'J') => {
-                let answer = match serde_json::from_slice::<Query>(&msg.payload[1..]) {
-                    Ok(Query::HasSession { .. }) => serde_json::Value::Bool(false),
-                    Ok(_) => serde_json::to_value(Page::default()).unwrap_or_default(),
-                    Err(_) => serde_json::Value::Null,
-                };
-                let body = serde_json::to_vec(&answer).expect("serializable");
-                let _ = self.bus.respond(msg, Bytes::from(body)).await;
-                false
-            }
-            Some(b'T') => {
-                tunnel::refuse(&self.bus, msg, "the replica is starting").await;
-                false
-            }
-            _ => false,
-        }
     }
 
     /// Asks every live peer at once; peers that fail are logged and left out.
@@ -518,6 +494,70 @@ impl Cluster {
 fn digest(credential: &str) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, credential.as_bytes());
     d.as_ref().try_into().expect("32 bytes")
+}
+
+/// A message on a replica's own subject before it serves anything:
+/// answered as an empty replica would. Returns whether another process
+/// claims the id (it is told the id is taken).
+async fn while_claiming(bus: &Bus, instance: &str, msg: &Msg) -> bool {
+    match msg.payload.first() {
+        Some(b'C') => match Claim::parse(msg) {
+            Some(c) if c.instance != instance => {
+                let _ = bus.send_to(&c.reply, Bytes::from_static(b"taken")).await;
+                true
+            }
+            _ => false,
+        },
+        Some(b'J') => {
+            let answer = match serde_json::from_slice::<Query>(&msg.payload[1..]) {
+                Ok(Query::HasSession { .. }) => serde_json::Value::Bool(false),
+                Ok(_) => serde_json::to_value(Page::default()).unwrap_or_default(),
+                Err(_) => serde_json::Value::Null,
+            };
+            let body = serde_json::to_vec(&answer).expect("serializable");
+            let _ = bus.respond(msg, Bytes::from(body)).await;
+            false
+        }
+        Some(b'T') => {
+            tunnel::refuse(bus, msg, "the replica is starting").await;
+            false
+        }
+        _ => false,
+    }
+}
+
+/// A claimed subscription between the claim and the start of the
+/// replica's listeners: a task answers on it meanwhile.
+struct ClaimHeld {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Subscription>,
+}
+
+impl ClaimHeld {
+    fn keep(bus: Bus, instance: String, mut own: Subscription) -> ClaimHeld {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut stopped => return own,
+                    m = own.next() => match m {
+                        Some(m) => {
+                            while_claiming(&bus, &instance, &m).await;
+                        }
+                        None => return own,
+                    },
+                }
+            }
+        });
+        ClaimHeld { stop, task }
+    }
+
+    /// The subscription, for the replica's own listener.
+    async fn release(self) -> Option<Subscription> {
+        let _ = self.stop.send(());
+        self.task.await.ok()
+    }
 }
 
 /// A process claiming a replica id (see [`Cluster::claim_id`]).
