@@ -238,6 +238,31 @@ pub(crate) struct Sessions {
     pub sessions: Vec<LiveSession>,
 }
 
+/// `GET /api/v1/replicas`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Replicas {
+    pub installation: String,
+    pub items: Vec<Replica>,
+}
+
+/// One control-plane replica, as the one answering hears it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Replica {
+    pub id: String,
+    /// The replica that answered.
+    #[serde(default)]
+    pub this: bool,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub protocol: u32,
+    /// Agent links it holds; absent for keys limited by scopes.
+    #[serde(default)]
+    pub agents: Option<u64>,
+    #[serde(default)]
+    pub last_heard_ms: u64,
+}
+
 /// `GET /api/v1/version`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServerVersion {

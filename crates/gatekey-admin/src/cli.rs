@@ -84,8 +84,17 @@ pub enum Command {
     /// control plane or any agent
     #[command(subcommand)]
     Troubleshoot(TroubleshootCommand),
+    /// Control-plane replicas: which are up, their versions and agents
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
     /// Show the client's and the control plane's versions
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCommand {
+    /// List the replicas the control plane hears (itself marked `*`)
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -570,6 +579,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Mesh(MeshCommand::Spoke(c)) => cmd::node::run(&ctx, NodeType::Spoke, c).await,
         Command::Device(c) => cmd::node::run(&ctx, NodeType::Device, c).await,
         Command::Version => cmd::version::run(&ctx).await,
+        Command::Replica(c) => cmd::replica::run(&ctx, c).await,
     };
     match result {
         Ok(code) => code,

@@ -117,6 +117,12 @@ impl Client {
             .await
     }
 
+    /// `GET /api/v1/replicas`.
+    pub async fn replicas(&self) -> Result<crate::api::Replicas> {
+        self.call(Method::GET, "/api/v1/replicas", None::<&()>, true)
+            .await
+    }
+
     /// `GET /api/v1/agents[?connected=true]`.
     pub async fn list_agents(&self, connected_only: bool) -> Result<Vec<Agent>> {
         let path = if connected_only {

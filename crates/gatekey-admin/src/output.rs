@@ -127,6 +127,44 @@ pub fn users_table(users: &[User]) -> String {
     table.render()
 }
 
+/// The table of `replica list`: the answering replica marked `*`, then
+/// the installation id.
+pub fn replicas_table(replicas: &crate::api::Replicas) -> String {
+    let mut table = Table::new(&[
+        ("REPLICA", 0),
+        ("VERSION", 0),
+        ("PROTOCOL", 0),
+        ("AGENTS", 0),
+        ("LAST HEARD", 0),
+    ]);
+    for r in &replicas.items {
+        table.push(vec![
+            if r.this {
+                format!("{} *", r.id)
+            } else {
+                r.id.clone()
+            },
+            if r.version.is_empty() {
+                "-".into()
+            } else {
+                r.version.clone()
+            },
+            r.protocol.to_string(),
+            r.agents.map_or("-".into(), |n| n.to_string()),
+            if r.this {
+                "-".into()
+            } else {
+                format!("{:.1}s ago", r.last_heard_ms as f64 / 1000.0)
+            },
+        ]);
+    }
+    format!(
+        "{}\ninstallation {}\n",
+        table.render(),
+        replicas.installation
+    )
+}
+
 /// The table of `apikey list`; STATUS as of `now`.
 pub fn api_keys_table(keys: &[ApiKey], now: OffsetDateTime) -> String {
     let mut table = Table::new(&[

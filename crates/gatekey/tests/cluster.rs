@@ -796,6 +796,45 @@ fn installations_on_one_broker(broker: Broker) {
     }
     assert_eq!(connected_agents(&other), ["gw-theirs"]);
     assert!(!whole_log(&other).contains("replica joined"));
+    // `replica list` through r1: the three of this installation, r2 with
+    // the agent; the other installation's replica lists itself alone.
+    let listed = |c: &Cluster| -> serde_json::Value {
+        let out = c.admin_run(&["replica", "list", "-o", "json"]);
+        assert_code(&out, 0);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = listed(&rs.r[0]);
+    let rows: Vec<(String, bool, u64)> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let id = r["id"].as_str().unwrap().to_string();
+            (id, r["this"] == true, r["agents"].as_u64().unwrap())
+        })
+        .collect();
+    let ids: Vec<&str> = rs.r.iter().map(|c| c.replica_id().unwrap()).collect();
+    assert_eq!(
+        rows,
+        [
+            (ids[0].to_string(), true, 0),
+            (ids[1].to_string(), false, 1),
+            (ids[2].to_string(), false, 0)
+        ],
+        "{v}"
+    );
+    let theirs = listed(&other);
+    assert_eq!(theirs["items"].as_array().unwrap().len(), 1, "{theirs}");
+    assert_ne!(theirs["installation"], v["installation"]);
+    let table = stdout(&rs.r[0].admin_run(&["replica", "list"]));
+    assert!(table.contains(&format!("{} *", ids[0])), "{table}");
+    assert!(
+        table.contains(&format!(
+            "installation {}",
+            v["installation"].as_str().unwrap()
+        )),
+        "{table}"
+    );
     // Each reaches only its own agents.
     let out = other.admin_run(&["session", "exec", "gw-ours", "true"]);
     assert!(out.status.code() != Some(0), "{}", stdout(&out));
@@ -874,6 +913,20 @@ fn speaking_another_protocol(rs: &Replicas, broker: Broker) {
     });
     // It is left out of lists: they still answer at once, with our agent.
     assert_eq!(connected_agents(&rs.r[1]), ["gw-ours"]);
+    // `replica list` shows it, with its version and protocol.
+    let out = rs.r[1].admin_run(&["replica", "list", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let future = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "from-the-future")
+        .cloned()
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(
+        (&future["version"], &future["protocol"]),
+        (&"9.9.9".into(), &99.into())
+    );
 }
 
 #[test]

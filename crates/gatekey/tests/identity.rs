@@ -101,6 +101,13 @@ async fn role_and_scope_matrix() {
             [200, 200, 200],
         ),
         (
+            "list replicas",
+            "GET",
+            "/api/v1/replicas".into(),
+            None,
+            [200, 200, 200],
+        ),
+        (
             "exec",
             "POST",
             "/api/v1/agents/hub-1/exec".into(),
@@ -243,6 +250,16 @@ async fn role_and_scope_matrix() {
     );
     assert!(!names.contains(&"lab-1".into()), "{names:?}");
     assert_eq!(c.get("/api/v1/agents/lab-1", &op).await.status, 403);
+    // The one replica without bus_url, with its agent count for whoever
+    // may see every agent, and none for a key limited by scopes.
+    let r = c.get("/api/v1/replicas", &viewer).await.json();
+    assert_eq!(r["items"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["items"][0]["id"], "local", "{r}");
+    assert_eq!(r["items"][0]["this"], true, "{r}");
+    assert_eq!(r["items"][0]["agents"], 1, "{r}");
+    assert_eq!(r["installation"].as_str().unwrap().len(), 16, "{r}");
+    let r = c.get("/api/v1/replicas", &op).await.json();
+    assert!(r["items"][0]["agents"].is_null(), "{r}");
 
     // A key narrows its user: an operator key limited to spoke:dc-1 cannot reach hub-1.
     let r = c

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod identity;
 pub mod login;
 pub mod node;
+pub mod replica;
 pub mod session;
 pub mod troubleshoot;
 pub mod version;

@@ -24,6 +24,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(ui::index))
         .route("/ui/{name}", get(ui::asset))
         .route("/api/v1/version", get(version))
+        .route("/api/v1/replicas", get(replicas))
         .route("/api/v1/agents", get(agents::list))
         .route("/api/v1/agents/{reference}", get(agents::get))
         .route(
@@ -85,6 +86,40 @@ async fn version() -> axum::Json<serde_json::Value> {
         "version": gatekey_proto::VERSION,
         "link_protocol": [gatekey_proto::link::MIN_VERSION, gatekey_proto::link::MAX_VERSION],
     }))
+}
+
+/// The control-plane replicas this one hears, itself first (one,
+/// `local`, without `bus_url`). Agent counts only for callers who may see
+/// every agent.
+async fn replicas(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    caller: crate::auth::Caller,
+) -> error::ApiResult<axum::Json<serde_json::Value>> {
+    state
+        .authorize(&caller, crate::authz::Action::List, None)
+        .await?;
+    let agents = state.registry.len() as u64;
+    let mut items = match &state.cluster {
+        Some(c) => c.replicas(agents),
+        None => vec![crate::cluster::ReplicaView {
+            id: state.replica_name(),
+            this: true,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: crate::cluster::PROTOCOL,
+            agents: Some(agents),
+            last_heard_ms: 0,
+        }],
+    };
+    if !caller.reach.unrestricted() {
+        for r in &mut items {
+            r.agents = None;
+        }
+    }
+    let installation = state.store.installation_id().await?;
+    Ok(axum::Json(serde_json::json!({
+        "installation": installation,
+        "items": items,
+    })))
 }
 
 /// RFC 3339 UTC time from Unix milliseconds.

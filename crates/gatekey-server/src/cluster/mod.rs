@@ -205,6 +205,22 @@ const NODE_CACHE_TTL: Duration = Duration::from_secs(10);
 struct Peer {
     seen: Instant,
     protocol: u32,
+    version: String,
+    agents: Option<u64>,
+}
+
+/// A replica as `GET /api/v1/replicas` shows it.
+#[derive(Serialize, Debug)]
+pub struct ReplicaView {
+    pub id: String,
+    /// The replica answering the request.
+    pub this: bool,
+    pub version: String,
+    pub protocol: u32,
+    /// Agent links it holds (as of its last heartbeat for the others).
+    pub agents: Option<u64>,
+    /// Milliseconds since its last heartbeat (0 for this one).
+    pub last_heard_ms: u64,
 }
 
 impl Cluster {
@@ -331,6 +347,35 @@ impl Cluster {
             .collect();
         v.sort();
         v
+    }
+
+    /// The replicas heard recently (of any protocol), this one first.
+    pub fn replicas(&self, own_agents: u64) -> Vec<ReplicaView> {
+        let forget_after = self.heartbeat * 12;
+        let mut out = vec![ReplicaView {
+            id: self.replica.clone(),
+            this: true,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: PROTOCOL,
+            agents: Some(own_agents),
+            last_heard_ms: 0,
+        }];
+        let peers = self.peers.lock().expect("peers");
+        let mut others: Vec<ReplicaView> = peers
+            .iter()
+            .filter(|(_, p)| p.seen.elapsed() < forget_after)
+            .map(|(id, p)| ReplicaView {
+                id: id.clone(),
+                this: false,
+                version: p.version.clone(),
+                protocol: p.protocol,
+                agents: p.agents,
+                last_heard_ms: p.seen.elapsed().as_millis() as u64,
+            })
+            .collect();
+        others.sort_by(|a, b| a.id.cmp(&b.id));
+        out.extend(others);
+        out
     }
 
     /// Whether `replica`'s heartbeats are heard here (of any protocol).
@@ -849,15 +894,19 @@ struct Heartbeat {
     protocol: u32,
     #[serde(default)]
     version: String,
+    /// Agent links the sender holds.
+    #[serde(default)]
+    agents: Option<u64>,
 }
 
 impl Heartbeat {
-    fn of(cluster: &Cluster, hello: bool) -> Heartbeat {
+    fn of(state: &AppState, cluster: &Cluster, hello: bool) -> Heartbeat {
         Heartbeat {
             replica: cluster.replica.clone(),
             hello,
             protocol: PROTOCOL,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            agents: Some(state.registry.len() as u64),
         }
     }
 }
@@ -870,7 +919,7 @@ async fn send_heartbeats(state: AppState) {
     let mut tick = tokio::time::interval(cluster.heartbeat);
     loop {
         tick.tick().await;
-        let beat = Heartbeat::of(&cluster, hello);
+        let beat = Heartbeat::of(&state, &cluster, hello);
         let body = serde_json::to_vec(&beat).expect("serializable");
         match cluster.bus.broadcast(REPLICAS, Bytes::from(body)).await {
             Ok(()) => hello = false,
@@ -898,6 +947,8 @@ async fn listen_heartbeats(state: AppState, first: Option<Subscription>) {
         let peer = Peer {
             seen: Instant::now(),
             protocol: beat.protocol,
+            version: beat.version.clone(),
+            agents: beat.agents,
         };
         let new = cluster
             .peers
@@ -917,7 +968,7 @@ async fn listen_heartbeats(state: AppState, first: Option<Subscription>) {
             );
         }
         if beat.hello {
-            let reply = Heartbeat::of(&cluster, false);
+            let reply = Heartbeat::of(&state, &cluster, false);
             let body = serde_json::to_vec(&reply).expect("serializable");
             let _ = cluster.bus.broadcast(REPLICAS, Bytes::from(body)).await;
         }
