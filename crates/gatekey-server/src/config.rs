@@ -78,6 +78,9 @@ pub struct Config {
     pub replica_timeout: Duration,
     /// Bytes in flight per direction of a cross-replica session.
     pub bus_window: u32,
+    /// Idle agents a replica above its share hands to the others per
+    /// heartbeat (cluster/rebalance.rs); 0: never.
+    pub rebalance_batch: u32,
     /// On PostgreSQL, how long a starting replica waits for another one that
     /// is migrating the same schema before it gives up.
     pub migration_lock_timeout: Duration,
@@ -118,6 +121,7 @@ impl Default for Config {
             replica_id: None,
             replica_timeout: Duration::from_secs(15),
             bus_window: 4 * 1024 * 1024,
+            rebalance_batch: 0,
             migration_lock_timeout: crate::store::DEFAULT_MIGRATION_LOCK_TIMEOUT,
             log_level: "info".into(),
         }
@@ -173,6 +177,7 @@ struct FileConfig {
     #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
     replica_timeout: Option<Duration>,
     bus_window: Option<u32>,
+    rebalance_batch: Option<u32>,
     #[serde(default, deserialize_with = "gatekey_proto::duration::deserialize_opt")]
     migration_lock_timeout: Option<Duration>,
     log_level: Option<String>,
@@ -222,6 +227,7 @@ impl Config {
             login_key_ttl,
             replica_timeout,
             bus_window,
+            rebalance_batch,
             migration_lock_timeout,
             log_level
         );
@@ -362,6 +368,9 @@ impl Config {
         if let Some(v) = num("GATEKEY_BUS_WINDOW")? {
             self.bus_window = v.min(u32::MAX as u64) as u32;
         }
+        if let Some(v) = num("GATEKEY_REBALANCE_BATCH")? {
+            self.rebalance_batch = v.min(u32::MAX as u64) as u32;
+        }
         if let Some(v) = dur("GATEKEY_MIGRATION_LOCK_TIMEOUT")? {
             self.migration_lock_timeout = v;
         }
@@ -410,6 +419,9 @@ impl Config {
         }
         if self.replica_timeout < Duration::from_secs(3) {
             return Err("replica_timeout must be at least 3s".into());
+        }
+        if self.rebalance_batch > 10_000 {
+            return Err("rebalance_batch must be at most 10000 agents per heartbeat".into());
         }
         if !(64 * 1024..=64 * 1024 * 1024).contains(&self.bus_window) {
             return Err("bus_window must be between 65536 and 67108864 bytes".into());
@@ -475,5 +487,22 @@ mod tests {
         assert!(err.contains("server.yaml:2"), "{err}");
         assert!(err.contains("unknown key `listen_addr`"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// The documented server configs in deploy/config load and pass the
+    /// checks made at start.
+    #[test]
+    fn documented_server_configs_are_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config");
+        for name in ["server.yaml", "server-replica.yaml"] {
+            let mut c = Config::default();
+            c.apply_file(&root.join(name)).unwrap();
+            c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let mut c = Config::default();
+        c.apply_file(&root.join("server-replica.yaml")).unwrap();
+        assert_eq!(c.rebalance_batch, 20);
+        c.rebalance_batch = 10_001;
+        assert!(c.validate().unwrap_err().contains("rebalance_batch"));
     }
 }

@@ -939,6 +939,73 @@ fn installations_on_one_broker_never_meet_over_rabbitmq() {
     installations_on_one_broker(Broker::Amqp);
 }
 
+/// With `rebalance_batch`, idle agents that all reached one replica spread
+/// to the other once the load balancer sends new connections there too.
+#[test]
+fn idle_agents_spread_over_replicas_with_rebalance_batch_over_nats() {
+    const N: usize = 12;
+    if std::net::TcpStream::connect(Broker::Nats.addr()).is_err() {
+        eprintln!("SKIP: no NATS at {}", Broker::Nats.addr());
+        return;
+    }
+    let Some(db) = gatekey::testkit::postgres_schema_url("spread") else {
+        eprintln!("SKIP: no PostgreSQL (set GATEKEY_TEST_POSTGRES_URL)");
+        return;
+    };
+    let r = gatekey::testkit::start_replicas(
+        &bins(),
+        2,
+        &db,
+        &Broker::Nats.url(Broker::Nats.addr()),
+        "replica_timeout: 3s\nrebalance_batch: 4\n",
+    );
+    let balancer = TcpForwarder::start(vec![r[0].addr]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let agents = gatekey::bench::register_sim_nodes(&r[0], N).await;
+        let url = format!("https://{}", balancer.addr);
+        let endpoint = gatekey_proto::transport::Endpoint::parse(&url).unwrap();
+        let started = std::time::Instant::now();
+        let fleet =
+            gatekey::sim::Fleet::start(&endpoint, gatekey::sim::tls(&r[0].ca_cert), agents, 16);
+        let up = fleet
+            .wait_connected(started, N, Duration::from_secs(60))
+            .await;
+        assert!(
+            up.is_some(),
+            "agents did not connect: {:?}",
+            fleet.errors().first()
+        );
+        let client = gatekey::bench::client(&r[0]);
+        let held = || async {
+            let agents = client.list_agents(true).await.unwrap();
+            let on = |c: &Cluster| {
+                let id = c.replica_id().unwrap();
+                agents.iter().filter(|a| a.extra["replica"] == id).count()
+            };
+            (on(&r[0]), on(&r[1]), agents.len())
+        };
+        assert_eq!(held().await, (N, 0, N));
+        // Now the balancer sends new connections to both.
+        balancer.set_backends(vec![r[0].addr, r[1].addr]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (first, second, all) = held().await;
+            // Share 6, slack 1: r1 stops handing over at 7 or fewer.
+            if second >= N / 3 && first <= 7 && all == N {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agents did not spread: r1 {first}, r2 {second}, connected {all}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        fleet.stop().await;
+    });
+    assert!(whole_log(&r[0]).contains("handing idle agents to other replicas"));
+}
+
 /// A replica's answer to a list question goes page by page: 6,000 agents
 /// on one replica (about 1.5 MB of answer, over NATS's default max_payload
 /// of 1 MB) are all listed through another.

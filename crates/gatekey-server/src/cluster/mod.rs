@@ -10,6 +10,7 @@
 //! live replica.
 
 pub mod proxy;
+pub mod rebalance;
 pub mod tunnel;
 
 use std::collections::HashMap;
@@ -376,6 +377,19 @@ impl Cluster {
         others.sort_by(|a, b| a.id.cmp(&b.id));
         out.extend(others);
         out
+    }
+
+    /// The agent counts of the replicas of this protocol heard within the
+    /// last two heartbeats (those that report one).
+    fn peer_loads(&self) -> Vec<u64> {
+        let fresh = self.heartbeat * 2;
+        self.peers
+            .lock()
+            .expect("peers")
+            .values()
+            .filter(|p| p.protocol == PROTOCOL && p.seen.elapsed() < fresh)
+            .filter_map(|p| p.agents)
+            .collect()
     }
 
     /// Whether `replica`'s heartbeats are heard here (of any protocol).
@@ -917,8 +931,12 @@ async fn send_heartbeats(state: AppState) {
     };
     let mut hello = true;
     let mut tick = tokio::time::interval(cluster.heartbeat);
+    let mut balancer = rebalance::Balancer::default();
     loop {
         tick.tick().await;
+        if state.config.rebalance_batch > 0 && !hello {
+            even_out(&state, &cluster, &mut balancer);
+        }
         let beat = Heartbeat::of(&state, &cluster, hello);
         let body = serde_json::to_vec(&beat).expect("serializable");
         match cluster.bus.broadcast(REPLICAS, Bytes::from(body)).await {
@@ -926,6 +944,49 @@ async fn send_heartbeats(state: AppState) {
             Err(e) => {
                 tracing::debug!(error = %e, "heartbeat not sent");
                 hello = true;
+            }
+        }
+    }
+}
+
+/// Hands idle agents to the other replicas while this one holds more than
+/// its share (cluster/rebalance.rs).
+fn even_out(state: &AppState, cluster: &Cluster, balancer: &mut rebalance::Balancer) {
+    let own = state.registry.len() as u64;
+    let peers = cluster.peer_loads();
+    let batch = u64::from(state.config.rebalance_batch);
+    match balancer.step(Instant::now(), cluster.heartbeat, own, &peers, batch) {
+        rebalance::Step::Nothing => {}
+        rebalance::Step::Paused(pause) => tracing::warn!(
+            "agents handed to other replicas came back to this one (they dial it directly rather than through a load balancer): handing over pauses for {}s",
+            pause.as_secs()
+        ),
+        rebalance::Step::Hand(k) => {
+            let mut idle: Vec<_> = state
+                .registry
+                .list()
+                .into_iter()
+                .filter(|c| c.mux.stream_count() == 0)
+                .collect();
+            // The newest links first: the ones that came here in a failover.
+            idle.sort_by_key(|c| std::cmp::Reverse(c.connected_at));
+            idle.truncate(k as usize);
+            balancer.handed(idle.len() as u64);
+            if idle.is_empty() {
+                return;
+            }
+            let share = (own + peers.iter().sum::<u64>()).div_ceil(peers.len() as u64 + 1);
+            tracing::info!(
+                handed = idle.len(),
+                holds = own,
+                share,
+                "handing idle agents to other replicas to even out the load"
+            );
+            for conn in idle {
+                conn.mux.close(
+                    crate::agent_link::close::GOING_AWAY,
+                    "handed to another control-plane replica to even out the load",
+                );
             }
         }
     }
