@@ -1074,6 +1074,32 @@ mod tests {
         assert!(!out.exit.unwrap().timed_out);
     }
 
+    /// `close_if_idle` (the control plane's rebalancing) leaves a link with
+    /// a stream open, and closes it once none is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_link_closes_if_idle_only_without_streams() {
+        let (server, _agent, _) = link(config(true)).await;
+        let (mut stream, _) = open(&server, shell("sleep 0.3; echo done"))
+            .await
+            .expect("accepted");
+        assert!(!server.close_if_idle(1001, "test"));
+        let out = within("the exit", collect(&mut stream)).await;
+        assert_eq!(out.stdout, b"done\n");
+        drop(stream);
+        within("the stream to be forgotten", async {
+            while server.stream_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(server.close_if_idle(1001, "rebalancing"));
+        let why = within("the link to close", server.closed()).await;
+        assert!(why.contains("rebalancing"), "{why}");
+        // Closed: nothing more opens, and a second close is no news.
+        assert!(open(&server, shell("true")).await.is_err());
+        assert!(!server.close_if_idle(1001, "again"));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn exit_code_and_signal_are_reported() {
         let (server, _agent, _) = link(config(true)).await;

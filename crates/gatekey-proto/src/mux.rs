@@ -269,17 +269,45 @@ impl Mux {
 
     /// Closes the link with a WebSocket close code and reason.
     pub fn close(&self, code: u16, reason: &str) {
-        let mut reason = reason.to_string();
-        // A close frame's reason must fit in 123 bytes.
-        while reason.len() > 123 {
-            reason.pop();
+        let reason = close_reason_text(reason);
+        self.send_close(code, &reason);
+        self.inner.shutdown(&format!("closed locally: {reason}"));
+    }
+
+    /// Closes the link only if no stream is open on it, and says whether it
+    /// did. A stream opening at the same moment either registers first
+    /// (and the link stays) or finds the link closed.
+    pub fn close_if_idle(&self, code: u16, reason: &str) -> bool {
+        let reason = close_reason_text(reason);
+        {
+            let streams = self.inner.streams.lock().expect("streams lock");
+            if !streams.is_empty() {
+                return false;
+            }
+            // Marked closed under the lock: no stream registers after this,
+            // and there is none to end.
+            let first = self.inner.closed.send_if_modified(|r| {
+                if r.is_none() {
+                    *r = Some(format!("closed locally: {reason}"));
+                    true
+                } else {
+                    false
+                }
+            });
+            if !first {
+                return false;
+            }
         }
+        self.send_close(code, &reason);
+        true
+    }
+
+    fn send_close(&self, code: u16, reason: &str) {
         let frame = CloseFrame {
             code: CloseCode::from(code),
-            reason: reason.clone().into(),
+            reason: reason.to_string().into(),
         };
         let _ = self.inner.out.try_send(Message::Close(Some(frame)));
-        self.inner.shutdown(&format!("closed locally: {reason}"));
     }
 
     /// Resolves when the link is closed, with the reason.
@@ -941,4 +969,13 @@ fn stream_violation(inner: &Inner, id: u32, what: &str) {
         stream_id: id,
         reason: format!("protocol violation: {what}"),
     }));
+}
+
+/// A close frame's reason must fit in 123 bytes.
+fn close_reason_text(reason: &str) -> String {
+    let mut reason = reason.to_string();
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    reason
 }

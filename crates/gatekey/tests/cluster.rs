@@ -1003,7 +1003,7 @@ fn idle_agents_spread_over_replicas_with_rebalance_batch_over_nats() {
         }
         fleet.stop().await;
     });
-    assert!(whole_log(&r[0]).contains("handing idle agents to other replicas"));
+    assert!(whole_log(&r[0]).contains("handed idle agents to other replicas"));
 }
 
 /// A replica's answer to a list question goes page by page: 6,000 agents

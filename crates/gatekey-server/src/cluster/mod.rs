@@ -380,15 +380,16 @@ impl Cluster {
     }
 
     /// The agent counts of the replicas of this protocol heard within the
-    /// last two heartbeats (those that report one).
-    fn peer_loads(&self) -> Vec<u64> {
-        let fresh = self.heartbeat * 2;
+    /// last three heartbeats; None if one of them reports none (an older
+    /// version), since the share would come out wrong.
+    fn peer_loads(&self) -> Option<Vec<u64>> {
+        let fresh = self.heartbeat * 3;
         self.peers
             .lock()
             .expect("peers")
             .values()
             .filter(|p| p.protocol == PROTOCOL && p.seen.elapsed() < fresh)
-            .filter_map(|p| p.agents)
+            .map(|p| p.agents)
             .collect()
     }
 
@@ -952,42 +953,64 @@ async fn send_heartbeats(state: AppState) {
 /// Hands idle agents to the other replicas while this one holds more than
 /// its share (cluster/rebalance.rs).
 fn even_out(state: &AppState, cluster: &Cluster, balancer: &mut rebalance::Balancer) {
+    let Some(peers) = cluster.peer_loads() else {
+        return;
+    };
     let own = state.registry.len() as u64;
-    let peers = cluster.peer_loads();
     let batch = u64::from(state.config.rebalance_batch);
-    match balancer.step(Instant::now(), cluster.heartbeat, own, &peers, batch) {
+    let here = |node_id: &str| state.registry.get(node_id).is_some();
+    let now = Instant::now();
+    match balancer.step(now, cluster.heartbeat, own, &peers, batch, here) {
         rebalance::Step::Nothing => {}
         rebalance::Step::Paused(pause) => tracing::warn!(
             "agents handed to other replicas came back to this one (they dial it directly rather than through a load balancer): handing over pauses for {}s",
             pause.as_secs()
         ),
         rebalance::Step::Hand(k) => {
-            let mut idle: Vec<_> = state
+            // Not one in a session, and not one that arrived lately (perhaps
+            // handed over by another replica); the newest of the rest,
+            // which came here in a failover.
+            let busy: std::collections::HashSet<String> = state
+                .sessions
+                .list()
+                .iter()
+                .map(|l| l.agent_id.clone())
+                .collect();
+            let settled = crate::live::now_ms()
+                - (cluster.heartbeat * rebalance::SETTLE_BEATS).as_millis() as i64;
+            let mut candidates: Vec<_> = state
                 .registry
                 .list()
                 .into_iter()
-                .filter(|c| c.mux.stream_count() == 0)
+                .filter(|c| c.connected_at <= settled && !busy.contains(&c.node_id))
                 .collect();
-            // The newest links first: the ones that came here in a failover.
-            idle.sort_by_key(|c| std::cmp::Reverse(c.connected_at));
-            idle.truncate(k as usize);
-            balancer.handed(idle.len() as u64);
-            if idle.is_empty() {
-                return;
-            }
-            let share = (own + peers.iter().sum::<u64>()).div_ceil(peers.len() as u64 + 1);
-            tracing::info!(
-                handed = idle.len(),
-                holds = own,
-                share,
-                "handing idle agents to other replicas to even out the load"
-            );
-            for conn in idle {
-                conn.mux.close(
+            candidates.sort_by_key(|c| std::cmp::Reverse(c.connected_at));
+            let mut handed = Vec::new();
+            for conn in candidates {
+                if handed.len() as u64 >= k {
+                    break;
+                }
+                // Only while no stream is open on it, checked as it closes.
+                if conn.mux.close_if_idle(
                     crate::agent_link::close::GOING_AWAY,
                     "handed to another control-plane replica to even out the load",
+                ) {
+                    handed.push(conn.node_id.clone());
+                }
+            }
+            if !handed.is_empty() {
+                let share = peers
+                    .iter()
+                    .fold(own, |t, &p| t.saturating_add(p))
+                    .div_ceil(peers.len() as u64 + 1);
+                tracing::info!(
+                    handed = handed.len(),
+                    holds = own,
+                    share,
+                    "handed idle agents to other replicas to even out the load"
                 );
             }
+            balancer.handed(now, handed);
         }
     }
 }
