@@ -30,6 +30,15 @@ impl Broker {
         .unwrap()
     }
 
+    /// Whether the machine's broker answers; says SKIP when not.
+    fn up(self) -> bool {
+        let up = std::net::TcpStream::connect_timeout(&self.addr(), Duration::from_secs(2)).is_ok();
+        if !up {
+            eprintln!("SKIP: no {self:?} broker at {}", self.addr());
+        }
+        up
+    }
+
     fn url(self, addr: SocketAddr) -> String {
         match self {
             Broker::Nats => format!("nats://{addr}"),
@@ -47,8 +56,7 @@ struct Replicas {
 }
 
 fn start(broker: Broker) -> Option<Replicas> {
-    if std::net::TcpStream::connect_timeout(&broker.addr(), Duration::from_secs(2)).is_err() {
-        eprintln!("SKIP: no {broker:?} broker at {}", broker.addr());
+    if !broker.up() {
         return None;
     }
     let Some(db) = gatekey::testkit::postgres_schema_url("cluster") else {
@@ -652,39 +660,33 @@ async fn one_id_claimed_at_once(broker: Broker) {
     }
 }
 
-#[test]
-fn one_replica_id_claimed_at_once_over_nats() {
-    if std::net::TcpStream::connect(Broker::Nats.addr()).is_err() {
-        eprintln!("SKIP: no NATS at {}", Broker::Nats.addr());
+/// [`one_id_claimed_at_once`], five times over.
+fn claims_race(broker: Broker) {
+    if !broker.up() {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     for _ in 0..5 {
-        rt.block_on(one_id_claimed_at_once(Broker::Nats));
+        rt.block_on(one_id_claimed_at_once(broker));
     }
 }
 
 #[test]
+fn one_replica_id_claimed_at_once_over_nats() {
+    claims_race(Broker::Nats);
+}
+
+#[test]
 fn one_replica_id_claimed_at_once_over_rabbitmq() {
-    if std::net::TcpStream::connect(Broker::Amqp.addr()).is_err() {
-        eprintln!("SKIP: no RabbitMQ at {}", Broker::Amqp.addr());
-        return;
-    }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    for _ in 0..5 {
-        rt.block_on(one_id_claimed_at_once(Broker::Amqp));
-    }
+    claims_race(Broker::Amqp);
 }
 
 /// Control planes on one database that cannot reach each other (one on
 /// NATS, one on RabbitMQ, one without a bus) each say so in their log.
 #[test]
 fn control_planes_on_one_database_that_cannot_meet_are_told() {
-    for b in [Broker::Nats, Broker::Amqp] {
-        if std::net::TcpStream::connect(b.addr()).is_err() {
-            eprintln!("SKIP: no {b:?} broker at {}", b.addr());
-            return;
-        }
+    if !(Broker::Nats.up() && Broker::Amqp.up()) {
+        return;
     }
     let Some(db) = gatekey::testkit::postgres_schema_url("apart") else {
         eprintln!("SKIP: no PostgreSQL (set GATEKEY_TEST_POSTGRES_URL)");
@@ -944,8 +946,7 @@ fn installations_on_one_broker_never_meet_over_rabbitmq() {
 #[test]
 fn idle_agents_spread_over_replicas_with_rebalance_batch_over_nats() {
     const N: usize = 12;
-    if std::net::TcpStream::connect(Broker::Nats.addr()).is_err() {
-        eprintln!("SKIP: no NATS at {}", Broker::Nats.addr());
+    if !Broker::Nats.up() {
         return;
     }
     let Some(db) = gatekey::testkit::postgres_schema_url("spread") else {

@@ -1028,10 +1028,12 @@ async fn listen_heartbeats(state: AppState, first: Option<Subscription>) {
         if beat.replica == cluster.replica || !valid_id(&beat.replica) {
             continue;
         }
+        // Shown in lists and logs: a version string, not a payload.
+        let version: String = beat.version.chars().take(64).collect();
         let peer = Peer {
             seen: Instant::now(),
             protocol: beat.protocol,
-            version: beat.version.clone(),
+            version: version.clone(),
             agents: beat.agents,
         };
         let new = cluster
@@ -1046,7 +1048,7 @@ async fn listen_heartbeats(state: AppState, first: Option<Subscription>) {
             tracing::warn!(
                 replica = %beat.replica,
                 "replica joined running gatekey {} (replica protocol {}), this one runs {} (protocol {PROTOCOL}): they refuse each other's requests and leave each other out of lists until every replica runs one version",
-                if beat.version.is_empty() { "of an older version" } else { &beat.version },
+                if version.is_empty() { "of an older version" } else { &version },
                 beat.protocol,
                 env!("CARGO_PKG_VERSION"),
             );
