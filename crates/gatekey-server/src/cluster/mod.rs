@@ -12,6 +12,7 @@
 pub mod proxy;
 pub mod rebalance;
 pub mod tunnel;
+pub mod tunnel_io;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::{Notify, oneshot, watch};
 
+use super::tunnel_io::{self, Incoming, Outgoing, TunnelIo};
 use crate::bus::{Bus, BusError, Msg, Subscription};
 
 const DATA: u8 = 0;
@@ -38,8 +38,8 @@ const PING: u8 = 4;
 /// Data, then EOF: the last bytes and the end in one message.
 const DATA_END: u8 = 5;
 
-/// Largest data message (the bus may want them smaller) and the size of
-/// each side's buffer.
+/// Largest data message (the bus may want them smaller) and the most each
+/// side holds for its user, each way.
 const CHUNK: usize = 256 * 1024;
 
 /// Tunnel settings.
@@ -76,7 +76,7 @@ pub struct OpenRequest {
 
 /// One end of a tunnel: read and write `io`; `ended` says why it broke.
 pub struct Tunnel {
-    pub io: DuplexStream,
+    pub io: TunnelIo,
     pub ended: watch::Receiver<Option<String>>,
     /// The opening side: whether the far side accepted, known once the
     /// first bytes written went out with the open request.
@@ -363,12 +363,16 @@ fn start(
     inbox: Inbox,
     peer: String,
     config: TunnelConfig,
-    opening: Option<Opening>,
+    mut opening: Option<Opening>,
     first: Bytes,
 ) -> Tunnel {
-    let (user, inner) = tokio::io::duplex(CHUNK);
+    // The open request's head goes in front of the first bytes written.
+    let head = opening
+        .as_mut()
+        .map(|o| std::mem::take(&mut o.head))
+        .unwrap_or_default();
+    let (user, outgoing, incoming) = tunnel_io::pipe(CHUNK, bus.message_size().min(CHUNK), head);
     let (ended_tx, ended) = watch::channel(None);
-    let (rd, mut wr) = tokio::io::split(inner);
     // An answer to a request answered at once needs no credit: the API
     // bounds it, and the other side has no way to grant any.
     let unbounded = matches!(inbox, Inbox::Whole { .. });
@@ -393,7 +397,7 @@ fn start(
     let (phase_tx, mut phase) = watch::channel(initial);
     let outbound = tokio::spawn(send_pump(
         bus.clone(),
-        rd,
+        outgoing,
         peer.clone(),
         credit.clone(),
         phase_tx,
@@ -422,9 +426,9 @@ fn start(
         let why = async {
             let mut owed = (0, 0);
             if !first.is_empty() {
-                // It fits: the far side sends at most CHUNK, our buffer's size.
-                let _ = wr.write_all(&first).await;
                 owed = (first.len() as u32, 1);
+                // It fits: nothing else is queued yet.
+                let _ = incoming.push(first).await;
             }
             let inbox = match inbox {
                 Inbox::Ready(inbox) => inbox,
@@ -464,7 +468,7 @@ fn start(
                 credit: &credit,
                 config,
             };
-            pump.receive(inbox, &mut wr, phase, owed).await
+            pump.receive(inbox, &incoming, phase, owed).await
         }
         .await;
         pinger.abort();
@@ -474,7 +478,7 @@ fn start(
             ended_tx.send_replace(Some(why.clone()));
         }
         outbound.abort();
-        drop(wr);
+        drop(incoming);
         if let Some(why) = why
             && !silent
         {
@@ -493,14 +497,13 @@ fn start(
 /// far side accepted.
 async fn send_pump(
     bus: Bus,
-    mut rd: tokio::io::ReadHalf<DuplexStream>,
+    out: Outgoing,
     peer: String,
     credit: Arc<Credit>,
     phase: watch::Sender<Phase>,
     mut opening: Option<Opening>,
     answered: Arc<AtomicBool>,
 ) {
-    let mut buf = BytesMut::new();
     let has_credit =
         |c: &Credit| c.bytes.load(Ordering::Acquire) > 0 && c.msgs.load(Ordering::Acquire) > 0;
     loop {
@@ -513,49 +516,30 @@ async fn send_pump(
         }
         let available = credit.bytes.load(Ordering::Acquire);
         let max = (available as usize).min(bus.message_size().min(CHUNK));
-        let head: &[u8] = opening.as_ref().map_or(&[DATA], |o| &o.head);
-        // Each message is its own allocation, handed to the broker client
-        // without another copy.
-        buf.reserve(max + head.len());
-        buf.put_slice(head);
-        let n = match (&mut rd).take(max as u64).read_buf(&mut buf).await {
-            Ok(0) | Err(_) => {
-                if let Some(o) = opening.take() {
-                    // Nothing was sent: there is no far side to tell.
-                    let why = "closed before anything was sent".to_string();
-                    let _ = o.answer.send(Err(OpenError::Refused(why.clone())));
-                    phase.send_replace(Phase::Refused(why));
-                    return;
-                }
-                let _ = bus.send_to(&peer, frame(EOF, &[])).await;
-                phase.send_replace(Phase::Done);
+        // Everything already written goes in one message (a whole request
+        // must), and an end that follows at once goes with it (so a short
+        // answer is one message, and ends before its reader can let go).
+        let Some(mut taken) = out.take(max).await else {
+            if let Some(o) = opening.take() {
+                // Nothing was sent: there is no far side to tell.
+                let why = "closed before anything was sent".to_string();
+                let _ = o.answer.send(Err(OpenError::Refused(why.clone())));
+                phase.send_replace(Phase::Refused(why));
                 return;
             }
-            Ok(n) => n,
+            let _ = bus.send_to(&peer, frame(EOF, &[])).await;
+            phase.send_replace(Phase::Done);
+            return;
         };
-        // What else is already written goes in the same message (a whole
-        // request must), and an end that follows at once goes with it (so a
-        // short answer is one message, and ends before its reader can let go).
-        let mut n = n;
-        let mut end = false;
-        while n < max {
-            use futures_util::FutureExt;
-            let mut more = (&mut rd).take((max - n) as u64);
-            match more.read_buf(&mut buf).now_or_never() {
-                Some(Ok(0)) | Some(Err(_)) => {
-                    end = opening.is_none();
-                    break;
-                }
-                Some(Ok(m)) => n += m,
-                None => break,
-            }
-        }
-        if end {
-            buf[0] = DATA_END;
+        let n = taken.data_len();
+        // The open request's head is already in front of its bytes.
+        let end = taken.end && opening.is_none();
+        if opening.is_none() {
+            taken.payload[0] = if end { DATA_END } else { DATA };
         }
         credit.bytes.fetch_sub(n as i64, Ordering::AcqRel);
         credit.msgs.fetch_sub(1, Ordering::AcqRel);
-        let payload = buf.split().freeze();
+        let payload = taken.payload.freeze();
         if let Some(o) = opening.take() {
             let refused = match bus.request(&o.subject, payload, o.timeout).await {
                 Ok(a) if a.as_ref() == b"ok" => None,
@@ -575,8 +559,7 @@ async fn send_pump(
                 let _ = o.answer.send(Ok(()));
                 // Nothing more goes out. If our user lets go before the
                 // answer ended, nobody waits for it: the far side stops.
-                let mut sink = [0u8; 1024];
-                while let Ok(1..) = rd.read(&mut sink).await {}
+                while out.take(usize::MAX).await.is_some() {}
                 if !answered.load(Ordering::Acquire) {
                     let _ = bus.publish(&o.subject, cancel_message(id)).await;
                 }
@@ -617,7 +600,7 @@ impl Pump<'_> {
     async fn receive(
         &self,
         mut inbox: Subscription,
-        wr: &mut tokio::io::WriteHalf<DuplexStream>,
+        incoming: &Incoming,
         mut phase: watch::Receiver<Phase>,
         (mut owed, mut owed_msgs): (u32, u32),
     ) -> Option<String> {
@@ -686,7 +669,8 @@ impl Pump<'_> {
                         self.answered.store(true, Ordering::Release);
                     }
                     if !reader_gone {
-                        match tokio::time::timeout(stalled, wr.write_all(body)).await {
+                        let bytes = msg.payload.slice(1..);
+                        match tokio::time::timeout(stalled, incoming.push(bytes)).await {
                             Ok(Ok(())) => {}
                             Ok(Err(_)) => {
                                 // Our reader left, so our own end follows from the
@@ -712,7 +696,7 @@ impl Pump<'_> {
                     if tag == DATA_END {
                         // Nothing more comes, so no credit is owed.
                         (owed, owed_msgs) = (0, 0);
-                        let _ = wr.shutdown().await;
+                        incoming.finish();
                         their_eof = true;
                         continue;
                     }
@@ -737,7 +721,7 @@ impl Pump<'_> {
                 }
                 EOF => {
                     self.answered.store(true, Ordering::Release);
-                    let _ = wr.shutdown().await;
+                    incoming.finish();
                     their_eof = true;
                 }
                 // After their end, a reset only says they stopped listening.
@@ -759,6 +743,8 @@ impl Pump<'_> {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
     use crate::bus::MemoryBroker;
@@ -853,7 +839,8 @@ mod tests {
             a
         });
         tokio::time::sleep(Duration::from_millis(400)).await;
-        // Our duplex buffer, the window, the far duplex buffer, one message.
+        // What our side holds, the window, what the far side holds, one
+        // message.
         let bound = window as usize + 3 * CHUNK + 8192;
         let stalled = written.load(Ordering::Relaxed);
         assert!(
