@@ -442,20 +442,13 @@ fn exec_latency(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -> Vec<
     rows
 }
 
-/// `n` bytes of stdout (`head -c N /dev/zero` into /dev/null), then of
-/// stdin (into `cat > /dev/null`), through `gatekey-admin session exec` on
-/// `agent`: the time each took.
-pub(crate) fn exec_throughput(c: &Cluster, agent: &str, n: u64) -> (Duration, Duration) {
-    (stdout_transfer(c, agent, n), stdin_transfer(c, agent, n))
-}
-
 fn devnull() -> std::fs::File {
     std::fs::File::create("/dev/null").expect("/dev/null")
 }
 
 /// `head -c N /dev/zero` on `agent` through `gatekey-admin session exec`
 /// into /dev/null: the time it took.
-fn stdout_transfer(c: &Cluster, agent: &str, n: u64) -> Duration {
+pub(crate) fn stdout_transfer(c: &Cluster, agent: &str, n: u64) -> Duration {
     let t = Instant::now();
     let st = c
         .admin()
@@ -470,7 +463,7 @@ fn stdout_transfer(c: &Cluster, agent: &str, n: u64) -> Duration {
 }
 
 /// `n` bytes of stdin into `cat > /dev/null` on `agent`: the time it took.
-fn stdin_transfer(c: &Cluster, agent: &str, n: u64) -> Duration {
+pub(crate) fn stdin_transfer(c: &Cluster, agent: &str, n: u64) -> Duration {
     let mut head = Command::new("head")
         .args(["-c", &n.to_string(), "/dev/zero"])
         .stdout(Stdio::piped())

@@ -7,17 +7,24 @@
 use std::time::Duration;
 
 use super::{
-    Row, Sizes, client, exec_throughput, latency_rows, median, ms, oneshot_latency,
-    oneshot_latency_unwarmed,
+    Row, Sizes, client, cpu_time, latency_rows, median, ms, oneshot_latency,
+    oneshot_latency_unwarmed, stdin_transfer, stdout_transfer,
 };
 use crate::testkit::{Bins, Cluster, postgres_schema_url, start_replicas};
 
-const BROKERS: &[(&str, &str, &str)] = &[
-    ("nats", "127.0.0.1:4222", "nats://127.0.0.1:4222"),
+/// Name, address, URL, and the broker's process name (for its CPU time).
+const BROKERS: &[(&str, &str, &str, &str)] = &[
+    (
+        "nats",
+        "127.0.0.1:4222",
+        "nats://127.0.0.1:4222",
+        "nats-server",
+    ),
     (
         "rabbitmq",
         "127.0.0.1:5672",
         "amqp://guest:guest@127.0.0.1:5672/%2f",
+        "beam.smp",
     ),
 ];
 
@@ -26,7 +33,7 @@ const THROUGHPUT_ROUNDS: usize = 5;
 
 pub(crate) fn cluster(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -> Vec<Row> {
     let mut rows = Vec::new();
-    for &(name, addr, url) in BROKERS {
+    for &(name, addr, url, process) in BROKERS {
         if sizes.broker.is_some_and(|b| b != name) {
             continue;
         }
@@ -77,14 +84,29 @@ pub(crate) fn cluster(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -
         // same and across alternate, and each figure is the median.
         let rounds = if sizes.smoke { 1 } else { THROUGHPUT_ROUNDS };
         let mut runs: [Vec<Duration>; 4] = Default::default();
+        // CPU time per stdout transfer: the replicas, and the broker.
+        let mut cpu: [Vec<Duration>; 3] = Default::default();
+        let pids: Vec<u32> = [near, far].iter().filter_map(|c| c.server_pid()).collect();
+        let broker = pids_named(process);
+        let replicas_cpu = || pids.iter().map(|&p| cpu_time(p)).sum::<Duration>();
+        let broker_cpu = || broker.iter().map(|&p| cpu_time(p)).sum::<Duration>();
         for _ in 0..rounds {
-            let (same_down, same_up) = exec_throughput(near, "hub-1", n);
-            let (far_down, far_up) = exec_throughput(far, "hub-1", n);
+            let before = replicas_cpu();
+            let same_down = stdout_transfer(near, "hub-1", n);
+            cpu[0].push(replicas_cpu().saturating_sub(before));
+            let same_up = stdin_transfer(near, "hub-1", n);
+            let (before, before_broker) = (replicas_cpu(), broker_cpu());
+            let far_down = stdout_transfer(far, "hub-1", n);
+            cpu[1].push(replicas_cpu().saturating_sub(before));
+            cpu[2].push(broker_cpu().saturating_sub(before_broker));
+            let far_up = stdin_transfer(far, "hub-1", n);
             for (v, d) in runs.iter_mut().zip([same_down, same_up, far_down, far_up]) {
                 v.push(d);
             }
         }
         let [same_down, same_up, far_down, far_up] = runs.map(|v| median(&v));
+        let per_gb = |d: Duration| format!("{:.2} s", d.as_secs_f64() * 1e9 / n as f64);
+        let [same_cpu, far_cpu, broker_cpu] = cpu.map(|v| median(&v));
         let mb = |d: Duration| n as f64 / d.as_secs_f64() / 1e6;
         for (what, same, across) in [("stdout", same_down, far_down), ("stdin", same_up, far_up)] {
             rows.push(Row::new(
@@ -109,9 +131,41 @@ pub(crate) fn cluster(bins: &Bins, rt: &tokio::runtime::Runtime, sizes: Sizes) -
                 ">= 50%",
             ));
         }
+        rows.push(Row::new(
+            scenario,
+            "stdout CPU per GB, same replica: replica",
+            per_gb(same_cpu),
+            "",
+        ));
+        rows.push(Row::new(
+            scenario,
+            "stdout CPU per GB, across: replicas",
+            per_gb(far_cpu),
+            "",
+        ));
+        if !broker.is_empty() {
+            rows.push(Row::new(
+                scenario,
+                format!("stdout CPU per GB, across: {process}"),
+                per_gb(broker_cpu),
+                "",
+            ));
+        }
         drop(agent);
     }
     rows
+}
+
+/// Processes of this name (the broker's, when it runs on this machine).
+fn pids_named(name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .collect()
 }
 
 /// One-shot exec latency through `near` (the agent's replica) and `far`,
