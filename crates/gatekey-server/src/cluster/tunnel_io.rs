@@ -1,10 +1,17 @@
 //! The bytes between a tunnel's user (hyper, on either replica) and the
 //! tunnel's pumps, copied once each way: what the user writes collects in
 //! chunks that become bus messages as they are (each chunk keeps room at
-//! its front for the message's tag), and what arrives is read straight out
-//! of the messages' payloads. Each direction holds at most `capacity`
-//! bytes, so a user that stops reading, or a far side that grants no
-//! credit, stops the other end instead of growing a buffer.
+//! its front for the message's tag), and what arrives in bulk is read
+//! straight out of the messages' payloads. Each direction holds at most
+//! `capacity` bytes plus one message, so a user that stops reading, or a far
+//! side that grants no credit, stops the other end instead of growing a
+//! buffer.
+//!
+//! A payload kept as it arrived may hold on to its broker connection's
+//! whole read buffer (async-nats reads 64 KiB at a time and hands out
+//! slices of it), so small payloads, which would hold the most for the
+//! least, are copied together instead: the queue has at most
+//! `capacity / SMALL` entries, each holding at most one read buffer.
 
 use std::collections::VecDeque;
 use std::io;
@@ -49,10 +56,14 @@ impl Taken {
 #[derive(Debug)]
 pub struct ReaderGone;
 
+/// Payloads smaller than this are copied into the queue rather than kept.
+const SMALL: usize = 4096;
+
 /// A pair of ends joined to the user's. `first_head` is reserved at the
 /// front of the first message (the open request's head), `chunk` is the
 /// most user bytes per message.
 pub fn pipe(capacity: usize, chunk: usize, first_head: Vec<u8>) -> (TunnelIo, Outgoing, Incoming) {
+    assert!(chunk > 0, "a message carries at least one byte");
     let mut chunks = VecDeque::new();
     if !first_head.is_empty() {
         let mut buf = BytesMut::with_capacity(first_head.len() + 4096);
@@ -75,6 +86,7 @@ pub fn pipe(capacity: usize, chunk: usize, first_head: Vec<u8>) -> (TunnelIo, Ou
         }),
         inc: Mutex::new(In {
             queue: VecDeque::new(),
+            tail: BytesMut::new(),
             queued: 0,
             capacity,
             eof: false,
@@ -139,7 +151,11 @@ struct Out {
 
 /// From the far side.
 struct In {
+    /// Payloads of at least [`SMALL`] bytes, as they came, then `tail`.
     queue: VecDeque<Bytes>,
+    /// Small payloads that came after the last large one, copied together.
+    tail: BytesMut,
+    /// Bytes in `queue` and `tail`.
     queued: usize,
     capacity: usize,
     /// Nothing more comes.
@@ -150,8 +166,10 @@ struct In {
     pusher: Option<Waker>,
 }
 
-fn wake(w: &mut Option<Waker>) {
-    if let Some(w) = w.take() {
+/// Wakes a waker taken out while the lock was held, once it is released
+/// (so the woken task does not find it still taken).
+fn wake(w: Option<Waker>) {
+    if let Some(w) = w {
         w.wake();
     }
 }
@@ -211,20 +229,21 @@ impl Outgoing {
             let c = out.chunks.pop_front().expect("a chunk");
             (c.buf, c.head)
         } else {
-            // Less credit than the chunk holds: the rest gets a tag's room
-            // of its own (one copy, only when credit runs short).
+            // Less credit than the chunk holds (rare: credit comes back in
+            // quarter windows): the part taken is copied out, and the last
+            // byte taken becomes the tag's room of the rest.
             let head = front.head;
-            let taken = front.buf.split_to(head + max);
-            let mut rest = BytesMut::with_capacity(1 + front.buf.len());
-            rest.put_u8(0);
-            rest.put_slice(&front.buf);
-            *front = Chunk { head: 1, buf: rest };
+            let taken = BytesMut::from(&front.buf[..head + max]);
+            front.buf.advance(head + max - 1);
+            front.head = 1;
             (taken, head)
         };
         let n = payload.len() - head;
         out.queued -= n;
         let end = out.shut && out.chunks.is_empty();
-        wake(&mut out.writer);
+        let writer = out.writer.take();
+        drop(out);
+        wake(writer);
         Poll::Ready(Some(Taken { payload, head, end }))
     }
 }
@@ -235,7 +254,9 @@ impl Drop for Outgoing {
         out.taker_gone = true;
         out.chunks.clear();
         out.queued = 0;
-        wake(&mut out.writer);
+        let writer = out.writer.take();
+        drop(out);
+        wake(writer);
     }
 }
 
@@ -253,11 +274,22 @@ impl Incoming {
                 return Poll::Pending;
             }
             let b = bytes.take().expect("pushed once");
-            if !b.is_empty() {
-                inc.queued += b.len();
-                inc.queue.push_back(b);
-                wake(&mut inc.reader);
+            if b.is_empty() {
+                return Poll::Ready(Ok(()));
             }
+            inc.queued += b.len();
+            if b.len() < SMALL {
+                inc.tail.extend_from_slice(&b);
+            } else {
+                if !inc.tail.is_empty() {
+                    let small = inc.tail.split().freeze();
+                    inc.queue.push_back(small);
+                }
+                inc.queue.push_back(b);
+            }
+            let reader = inc.reader.take();
+            drop(inc);
+            wake(reader);
             Poll::Ready(Ok(()))
         })
         .await
@@ -267,7 +299,9 @@ impl Incoming {
     pub fn finish(&self) {
         let mut inc = self.shared.inc();
         inc.eof = true;
-        wake(&mut inc.reader);
+        let reader = inc.reader.take();
+        drop(inc);
+        wake(reader);
     }
 }
 
@@ -286,19 +320,28 @@ impl AsyncRead for TunnelIo {
         let mut inc = self.shared.inc();
         let before = buf.remaining();
         while buf.remaining() > 0 {
-            let Some(front) = inc.queue.front_mut() else {
+            let n = if let Some(front) = inc.queue.front_mut() {
+                let n = front.len().min(buf.remaining());
+                buf.put_slice(&front[..n]);
+                front.advance(n);
+                if front.is_empty() {
+                    inc.queue.pop_front();
+                }
+                n
+            } else if !inc.tail.is_empty() {
+                let n = inc.tail.len().min(buf.remaining());
+                buf.put_slice(&inc.tail[..n]);
+                inc.tail.advance(n);
+                n
+            } else {
                 break;
             };
-            let n = front.len().min(buf.remaining());
-            buf.put_slice(&front[..n]);
-            front.advance(n);
-            if front.is_empty() {
-                inc.queue.pop_front();
-            }
             inc.queued -= n;
         }
         if buf.remaining() < before {
-            wake(&mut inc.pusher);
+            let pusher = inc.pusher.take();
+            drop(inc);
+            wake(pusher);
             return Poll::Ready(Ok(()));
         }
         if inc.eof || before == 0 {
@@ -329,7 +372,9 @@ impl TunnelIo {
             return Poll::Pending;
         }
         let n = out.put(bufs);
-        wake(&mut out.taker);
+        let taker = out.taker.take();
+        drop(out);
+        wake(taker);
         Poll::Ready(Ok(n))
     }
 }
@@ -362,23 +407,28 @@ impl AsyncWrite for TunnelIo {
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut out = self.shared.out();
         out.shut = true;
-        wake(&mut out.taker);
+        let taker = out.taker.take();
+        drop(out);
+        wake(taker);
         Poll::Ready(Ok(()))
     }
 }
 
 impl Drop for TunnelIo {
     fn drop(&mut self) {
-        {
-            let mut out = self.shared.out();
-            out.shut = true;
-            wake(&mut out.taker);
-        }
+        let mut out = self.shared.out();
+        out.shut = true;
+        let taker = out.taker.take();
+        drop(out);
+        wake(taker);
         let mut inc = self.shared.inc();
         inc.reader_gone = true;
         inc.queue.clear();
+        inc.tail.clear();
         inc.queued = 0;
-        wake(&mut inc.pusher);
+        let pusher = inc.pusher.take();
+        drop(inc);
+        wake(pusher);
     }
 }
 
@@ -454,6 +504,60 @@ mod tests {
         let mut rest = Vec::new();
         io.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"rld!");
+    }
+
+    #[tokio::test]
+    async fn short_credit_splits_the_open_request_and_keeps_its_head() {
+        let (mut io, out, _inc) = pipe(1 << 20, 100, b"T{}\n".to_vec());
+        io.write_all(b"GET / HTTP/1.1").await.unwrap();
+        let t = out.take(3).await.unwrap();
+        assert_eq!((&t.payload[..], t.head), (&b"T{}\nGET"[..], 4));
+        let t = out.take(100).await.unwrap();
+        assert_eq!((&t.payload[1..], t.head), (&b" / HTTP/1.1"[..], 1));
+    }
+
+    #[tokio::test]
+    async fn the_end_comes_with_the_last_chunk_only() {
+        let (mut io, out, _inc) = pipe(1 << 20, 4, Vec::new());
+        io.write_all(b"abcdefgh").await.unwrap();
+        io.shutdown().await.unwrap();
+        let ends: Vec<bool> = [out.take(10).await, out.take(10).await]
+            .into_iter()
+            .map(|t| t.unwrap().end)
+            .collect();
+        assert_eq!(ends, [false, true]);
+    }
+
+    #[tokio::test]
+    async fn a_writer_waiting_at_capacity_learns_the_pump_is_gone() {
+        let (mut io, out, _inc) = pipe(4, 4, Vec::new());
+        io.write_all(b"full").await.unwrap();
+        let writer = tokio::spawn(async move { io.write_all(b"more").await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        drop(out);
+        let e = writer.await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[tokio::test]
+    async fn small_payloads_are_copied_together_and_order_is_kept() {
+        let (mut io, _out, inc) = pipe(1 << 20, 100, Vec::new());
+        let large = Bytes::from(vec![b'L'; SMALL]);
+        for b in [&b"a"[..], b"b", &large, b"c", b"d"] {
+            inc.push(Bytes::copy_from_slice(b)).await.unwrap();
+        }
+        {
+            let state = inc.shared.inc();
+            // "ab", the large one, and "cd" still being added to.
+            assert_eq!((state.queue.len(), &state.tail[..]), (2, &b"cd"[..]));
+        }
+        inc.finish();
+        let mut got = Vec::new();
+        io.read_to_end(&mut got).await.unwrap();
+        let mut want = b"ab".to_vec();
+        want.extend_from_slice(&large);
+        want.extend_from_slice(b"cd");
+        assert_eq!(got, want);
     }
 
     #[tokio::test]
