@@ -279,24 +279,11 @@ impl Mux {
     /// (and the link stays) or finds the link closed.
     pub fn close_if_idle(&self, code: u16, reason: &str) -> bool {
         let reason = close_reason_text(reason);
+        if !self
+            .inner
+            .end(&format!("closed locally: {reason}"), Ending::IfIdle)
         {
-            let streams = self.inner.streams.lock().expect("streams lock");
-            if !streams.is_empty() {
-                return false;
-            }
-            // Marked closed under the lock: no stream registers after this,
-            // and there is none to end.
-            let first = self.inner.closed.send_if_modified(|r| {
-                if r.is_none() {
-                    *r = Some(format!("closed locally: {reason}"));
-                    true
-                } else {
-                    false
-                }
-            });
-            if !first {
-                return false;
-            }
+            return false;
         }
         self.send_close(code, &reason);
         true
@@ -390,7 +377,17 @@ impl Inner {
 
     /// Marks the link closed and ends every stream on it.
     fn shutdown(&self, reason: &str) {
+        self.end(reason, Ending::Always);
+    }
+
+    /// Marks the link closed and ends its streams; whether this call did.
+    /// With [`Ending::IfIdle`] only while no stream is open: marked under
+    /// the streams lock, so none registers after the check.
+    fn end(&self, reason: &str, ending: Ending) -> bool {
         let mut streams = self.streams.lock().expect("streams lock");
+        if ending == Ending::IfIdle && !streams.is_empty() {
+            return false;
+        }
         let first = self.closed.send_if_modified(|r| {
             if r.is_none() {
                 *r = Some(reason.to_string());
@@ -400,7 +397,7 @@ impl Inner {
             }
         });
         if !first {
-            return;
+            return false;
         }
         let slots: Vec<Slot> = streams.drain().map(|(_, s)| s).collect();
         drop(streams);
@@ -409,6 +406,7 @@ impl Inner {
             s.done.store(true, Ordering::Relaxed);
             let _ = s.push(Event::LinkClosed(reason.to_string()));
         }
+        true
     }
 
     fn try_send_control(&self, msg: Msg) {
@@ -969,6 +967,13 @@ fn stream_violation(inner: &Inner, id: u32, what: &str) {
         stream_id: id,
         reason: format!("protocol violation: {what}"),
     }));
+}
+
+/// Whether [`Inner::end`] ends a link with streams open.
+#[derive(Clone, Copy, PartialEq)]
+enum Ending {
+    Always,
+    IfIdle,
 }
 
 /// A close frame's reason must fit in 123 bytes.

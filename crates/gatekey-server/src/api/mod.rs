@@ -101,14 +101,10 @@ async fn replicas(
     let agents = state.registry.len() as u64;
     let mut items = match &state.cluster {
         Some(c) => c.replicas(agents),
-        None => vec![crate::cluster::ReplicaView {
-            id: state.replica_name(),
-            this: true,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            protocol: crate::cluster::PROTOCOL,
-            agents: Some(agents),
-            last_heard_ms: 0,
-        }],
+        None => vec![crate::cluster::ReplicaView::this(
+            &state.replica_name(),
+            agents,
+        )],
     };
     if !caller.reach.unrestricted() {
         for r in &mut items {

@@ -225,6 +225,20 @@ pub struct ReplicaView {
     pub last_heard_ms: u64,
 }
 
+impl ReplicaView {
+    /// The replica answering, holding `agents` links.
+    pub fn this(id: &str, agents: u64) -> ReplicaView {
+        ReplicaView {
+            id: id.to_string(),
+            this: true,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: PROTOCOL,
+            agents: Some(agents),
+            last_heard_ms: 0,
+        }
+    }
+}
+
 impl Cluster {
     pub fn new(
         bus: Bus,
@@ -339,7 +353,7 @@ impl Cluster {
     /// that is gone answers "no responders" at once, so a late heartbeat
     /// never hides a live replica's agents and sessions.
     pub fn live_peers(&self) -> Vec<String> {
-        let forget_after = self.heartbeat * 12;
+        let forget_after = self.forget_after();
         let mut peers = self.peers.lock().expect("peers");
         peers.retain(|_, p| p.seen.elapsed() < forget_after);
         let mut v: Vec<String> = peers
@@ -351,17 +365,16 @@ impl Cluster {
         v
     }
 
+    /// How long a silent peer is still asked and listed: four
+    /// `replica_timeout`s.
+    fn forget_after(&self) -> Duration {
+        self.heartbeat * 12
+    }
+
     /// The replicas heard recently (of any protocol), this one first.
     pub fn replicas(&self, own_agents: u64) -> Vec<ReplicaView> {
-        let forget_after = self.heartbeat * 12;
-        let mut out = vec![ReplicaView {
-            id: self.replica.clone(),
-            this: true,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            protocol: PROTOCOL,
-            agents: Some(own_agents),
-            last_heard_ms: 0,
-        }];
+        let forget_after = self.forget_after();
+        let mut out = vec![ReplicaView::this(&self.replica, own_agents)];
         let peers = self.peers.lock().expect("peers");
         let mut others: Vec<ReplicaView> = peers
             .iter()
@@ -396,7 +409,7 @@ impl Cluster {
 
     /// Whether `replica`'s heartbeats are heard here (of any protocol).
     pub fn heard(&self, replica: &str) -> bool {
-        let forget_after = self.heartbeat * 12;
+        let forget_after = self.forget_after();
         self.peers
             .lock()
             .expect("peers")
